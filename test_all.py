@@ -1,0 +1,465 @@
+"""Every test of the project, on CPU, in a few minutes: python test_all.py [NAME_SUBSTRING ...]
+
+Plain functions named test_*, run in file order by the small runner at the bottom, which ends with the line
+"N passed, N failed, N skipped" and exits non-zero on any failure. Tests that need the real VISCHEMA PLUS read it
+from $VISCHEMA_DIR and are skipped without it; everything else writes its own small data or uses the synthetic set.
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import unittest
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import common
+import exp1_unet
+
+HERE = Path(__file__).resolve().parent
+TMP = Path(tempfile.mkdtemp(prefix="vms-tests-"))
+REAL = os.environ.get("VISCHEMA_DIR")
+
+
+def run(script, *args, env=None, timeout=300):
+    """Run a project script as a user would, from a folder without data; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(HERE / script), *map(str, args)], cwd=TMP, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def no_data_env():
+    """Environment for a run that must not find the real data (so it uses the synthetic set): an empty
+    VISCHEMA_DIR counts as unset, and the runs' working folder has no ./data/VISCHEMA_PLUS."""
+    return {"VISCHEMA_DIR": ""}
+
+
+def tiny_run_args(out, epochs=3):
+    """A UNet small enough to train in seconds on the synthetic set."""
+    return ["--size", 32, "--c", 8, "--depth", 4, "--epochs", epochs, "--out", out, "--sample-every", 2]
+
+
+def write_dataset(root, n=10, size=40, split=True, crlf=True):
+    """A small VISCHEMA-PLUS-like folder: JPEG photos and maps, split files with CRLF and no final newline."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "vms").mkdir()
+    names = [f"sun_{i:03d}.jpg" for i in range(n)]
+    for i, name in enumerate(names):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "images" / name)
+        vms = np.zeros((size, size, 3), np.uint8)
+        vms[5 + i % 7:25, 8:30, 1] = 200
+        Image.fromarray(vms).save(root / "vms" / name)
+    nl = "\r\n" if crlf else "\n"
+    if split:
+        (root / "viscplus_train.csv").write_bytes(nl.join(names[:8]).encode())
+        (root / "viscplus_val.csv").write_bytes((nl.join(names[8:]) + nl + nl).encode())
+    (root / "viscplus_categories.csv").write_text("name,category\n" + "".join(f"{m},cat{i % 2}\n"
+                                                                             for i, m in enumerate(names)))
+    return names
+
+
+# ------------------------------------------------------------------------------------------------------- metrics
+def test_l1_by_hand():
+    pred, true = torch.zeros(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)
+    pred[:, 1] = 0.5                 # green off by 0.5 everywhere
+    pred[0, 0, 0, 0] = 1.0           # one red pixel off by 1
+    m = common.l1_metrics(pred, true)
+    assert math.isclose(m["l1_green"], 0.5)
+    assert math.isclose(m["l1_red"], 1.0 / 8)
+    assert math.isclose(m["l1"], (0.5 * 8 + 1.0) / 24, rel_tol=1e-6)
+
+
+def test_cc_by_hand():
+    true = torch.zeros(3, 3, 4, 4)
+    pred = torch.zeros(3, 3, 4, 4)
+    true[0, 1] = torch.arange(16.).view(4, 4) / 15          # image 0: green ramp
+    pred[0, 1] = 1 - true[0, 1]                               # ... predicted upside down: CC -1
+    true[1, 1, :2] = 1.0                                      # image 1: top half green
+    pred[1, 1, :2] = 0.3                                      # ... predicted with the same shape: CC +1
+    true[2] = 0.5 + 0.01 * torch.rand(3, 4, 4)                # image 2: flat (JPEG-noise-like) -> skipped
+    pred[2, 0] = torch.arange(16.).view(4, 4)                 # ... whatever is predicted for it
+    m = common.cc_metrics(pred, true)                         # mean of -1 and +1; image 2 skipped
+    assert math.isclose(m["cc_green"], 0.0, abs_tol=1e-9) and m["cc_green_skipped"] == 1, m
+    assert math.isclose(m["cc"], 0.0, abs_tol=1e-9) and m["cc_skipped"] == 1, m
+    assert m["cc_red_skipped"] == 3 and math.isnan(m["cc_red"]), m
+    # by hand: x = (1, 2, 3), y = (1, 3, 2): deviations (-1, 0, 1) and (-1, 1, 0), so r = 1 / sqrt(2 * 2) = 0.5
+    assert math.isclose(common.pearson(torch.tensor([[1., 2, 3]]), torch.tensor([[1., 3, 2]])).item(), 0.5)
+
+
+def test_cc20_pools_by_area():
+    true = torch.zeros(1, 3, 40, 40)
+    true[0, 1, :20] = 1.0
+    pred = true.clone()
+    pred[0, 1, 1::2, 1::2] += 0.4                             # high-frequency noise that 2x2 area pooling averages
+    m = common.cc_metrics(pred, true)
+    assert m["cc20_green"] > 0.999 > m["cc_green"], m
+
+
+def test_baselines_by_hand():
+    train = torch.tensor([0.0, 0.2, 0.4, 1.0]).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    maps = common.baseline_maps(train)
+    assert torch.allclose(maps["black"], torch.zeros(3, 2, 2))
+    assert torch.allclose(maps["mean"], torch.full((3, 2, 2), 0.4))
+    assert torch.allclose(maps["median"], torch.full((3, 2, 2), 0.3))   # the mean of the middle two, as numpy
+    val = torch.full((2, 3, 2, 2), 0.5)
+    b = common.baseline_metrics(train, val)
+    assert math.isclose(b["black"]["l1"], 0.5) and math.isclose(b["median"]["l1"], 0.2, rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------- the model
+def test_unet_shapes():
+    for size, depth, norm, skip in [(64, 5, "batch", True), (128, 5, "instance", True), (32, 3, "group", False),
+                                    (16, 2, "layer", True), (64, 4, "none", False)]:
+        model = exp1_unet.UNet(c=4, depth=depth, norm=norm, dropout=0.1, skip=skip).eval()
+        y = model(torch.randn(2, 3, size, size))
+        assert y.shape == (2, 3, size, size) and y.abs().max() <= 1, (size, depth, norm)
+    assert exp1_unet.group_count(16) == 8 and exp1_unet.group_count(50) == 25 and exp1_unet.group_count(64) == 32
+
+
+def test_diffaug_keeps_pairs_aligned():
+    torch.manual_seed(0)
+    image = torch.rand(64, 3, 16, 16) * 2 - 1
+    vms = image.flip(1) * 0.5                                  # a map that is a pixelwise function of its image
+    for policy in (["translation"], ["cutout"], ["translation", "cutout"]):
+        a, b = exp1_unet.diff_augment(image, vms, policy, p=1.0)
+        assert torch.equal(b, a.flip(1) * 0.5 + (a.flip(1) == -1) * -0.5), policy   # fill -1 in both
+        assert not torch.equal(a, image), policy
+    a, b = exp1_unet.diff_augment(image, vms, ["translation", "cutout"], p=0.0)
+    assert torch.equal(a, image) and torch.equal(b, vms)
+
+
+def test_translation_is_an_exact_shift():
+    torch.manual_seed(1)
+    x = torch.arange(2 * 6 * 8 * 8, dtype=torch.float).view(2, 6, 8, 8)
+    y = exp1_unet.translation(x, p=1.0)
+    for i in range(2):
+        # find the shift by locating where input pixel (3, 3) went; every other pixel must follow it
+        moved = [(r, c) for r in range(8) for c in range(8) if y[i, 0, r, c] == x[i, 0, 3, 3]]
+        (r, c), = moved
+        ty, tx = r - 3, c - 3
+        assert abs(ty) <= 1 and abs(tx) <= 1                  # 1/8 of 8 pixels
+        for rr in range(8):
+            for cc in range(8):
+                sr, sc = rr - ty, cc - tx
+                want = x[i, :, sr, sc] if 0 <= sr < 8 and 0 <= sc < 8 else torch.full((6,), -1.0)
+                assert torch.equal(y[i, :, rr, cc], want)
+
+
+def test_cutout_blanks_half_size_square():
+    torch.manual_seed(2)
+    x = torch.ones(200, 6, 16, 16)
+    y = exp1_unet.cutout(x, p=1.0)
+    blank = (y == -1).all(1)                                   # every channel blanked together
+    assert torch.equal((y == -1).any(1), blank)
+    areas = blank.flatten(1).sum(1)
+    assert areas.max() == 64 and areas.min() > 0              # an 8 x 8 square, sometimes clipped by the border
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+def test_loader_on_disk_dataset():
+    root = TMP / "ds_ok"
+    names = write_dataset(root)
+    Image.open(root / "images" / names[1]).convert("L").save(root / "images" / names[1], "JPEG")     # grayscale
+    Image.open(root / "images" / names[2]).convert("RGBA").save(root / "images" / names[2], "PNG")  # RGBA (PNG)
+    Image.new("RGB", (100, 60), "red").save(root / "images" / names[3], "JPEG")                    # other size
+    d = common.load_data(root, size=16)
+    assert d.train_x.shape == (8, 3, 16, 16) and d.val_y.shape == (2, 3, 16, 16)
+    assert d.train_names == names[:8] and d.val_names == names[8:]
+    assert d.train_x.min() >= -1 and d.train_x.max() <= 1 and d.train_x.dtype == torch.float32
+    assert d.categories[names[1]] == "cat1" and d.source == str(root)
+    assert (d.train_y[:, 1] > 0).any() and d.train_y[:, 0].mean() < -0.95     # green maps, red empty (JPEG noise)
+    d128 = common.load_data(root, size=128)
+    assert d128.train_x.shape == (8, 3, 128, 128)
+
+
+def test_loader_split_files_with_lf_and_seeded_split():
+    root = TMP / "ds_lf"
+    names = write_dataset(root, crlf=False)
+    d = common.load_data(root, size=8)
+    assert d.train_names == names[:8] and d.val_names == names[8:]
+    root = TMP / "ds_nosplit"
+    names = write_dataset(root, n=20, split=False)
+    a, b = common.load_data(root, size=8), common.load_data(root, size=8)
+    assert len(a.train_names) == 16 and len(a.val_names) == 4 and a.train_names == b.train_names
+    assert sorted(a.train_names + a.val_names) == names and not set(a.train_names) & set(a.val_names)
+
+
+BAD_CASES = []
+
+
+def bad_input_cases():
+    """(folder, what the message must name) for each kind of bad input; the folders are written once."""
+    if BAD_CASES:
+        return BAD_CASES
+    cases = BAD_CASES
+    root = TMP / "bad_nomap"
+    names = write_dataset(root)
+    (root / "vms" / names[4]).unlink()
+    cases.append((root, f"{names[4]}: image without its map"))
+    root = TMP / "bad_noimage"
+    names = write_dataset(root)
+    (root / "images" / names[9]).unlink()
+    cases.append((root, f"{names[9]}: map without its image"))
+    root = TMP / "bad_truncated"
+    names = write_dataset(root)
+    path = root / "images" / names[2]
+    path.write_bytes(path.read_bytes()[:300])
+    cases.append((root, f"{names[2]}: not a decodable image"))
+    root = TMP / "bad_text"
+    names = write_dataset(root)
+    (root / "vms" / names[5]).write_text("this is not a JPEG")
+    cases.append((root, f"{names[5]}: not a decodable image"))
+    root = TMP / "bad_emptysplit"
+    write_dataset(root)
+    (root / "viscplus_val.csv").write_bytes(b"\r\n\r\n")
+    cases.append((root, "viscplus_val.csv: empty split file"))
+    cases.append((TMP / "no_such_folder", "no_such_folder: no such folder"))
+    return cases
+
+
+def test_bad_input_gives_one_clear_error():
+    for root, message in bad_input_cases():
+        try:
+            common.load_data(root, size=8)
+        except common.DataError as e:
+            assert message in str(e), (message, str(e))
+        else:
+            raise AssertionError(f"no error for {root}")
+
+
+def test_bad_input_cli_has_no_traceback():
+    for root, message in bad_input_cases()[::2] + [(TMP / "bad_emptysplit", "empty split file")]:
+        p = run("exp1_unet.py", "--data", root, "--epochs", 1)
+        assert p.returncode == 2, (root, p.returncode, p.stderr)
+        assert message in p.stderr and "Traceback" not in p.stderr + p.stdout, p.stderr
+    p = run("exp1_unet.py", "--size", 50, "--epochs", 1, env=no_data_env())
+    assert p.returncode == 2 and "multiple of 16" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = run("exp1_unet.py", "--norm", "fancy")
+    assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
+def test_cache_hit_and_invalidation():
+    root = TMP / "ds_cache"
+    names = write_dataset(root)
+
+    def load():
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            d = common.load_data(root, size=16)
+        return d, buf.getvalue()
+    d1, out = load()
+    assert "decoding" in out and (root / ".vms_cache_16px.pt").exists(), out
+    d2, out = load()
+    assert "cached load" in out and torch.equal(d1.train_x, d2.train_x) and torch.equal(d1.val_y, d2.val_y), out
+    img = Image.open(root / "vms" / names[0])
+    Image.fromarray(255 - np.asarray(img)).save(root / "vms" / names[0])          # a map replaced
+    d3, out = load()
+    assert "decoding" in out and not torch.equal(d3.train_y[0], d1.train_y[0]), out
+    _, out = load()
+    assert "cached load" in out
+    os.utime(root / "images" / names[5], ns=(1, 1))                              # a file touched
+    assert "decoding" in load()[1]
+    (root / "viscplus_val.csv").write_text("\n".join(names[7:9]))                # a different file list
+    (root / "viscplus_train.csv").write_text("\n".join(names[:7]))
+    d5, out = load()
+    assert "decoding" in out and len(d5.val_names) == 2 and len(d5.train_names) == 7, out
+    (root / "viscplus_val.csv").write_text("\n".join(names[8:9]))                # same files, another split
+    (root / "viscplus_train.csv").write_text("\n".join(names[:8]))
+    _, out = load()
+    assert "cached load" in out, out
+
+
+def test_cache_goes_to_user_dir_when_data_is_read_only():
+    root = TMP / "ds_ro"
+    write_dataset(root)
+    cache_home = TMP / "cache_home"
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache_home)
+    os.chmod(root, 0o555)
+    try:
+        common.load_data(root, size=8)
+        assert not list(root.glob(".vms_cache*")) and len(list(cache_home.rglob("*8px.pt"))) == 1
+    finally:
+        os.chmod(root, 0o755)
+        os.environ.pop("XDG_CACHE_HOME") if old is None else os.environ.__setitem__("XDG_CACHE_HOME", old)
+
+
+def test_synthetic_set_is_deterministic_and_vischema_shaped():
+    a, b = common.synthetic_vischema(32, seed=3), common.synthetic_vischema(32, seed=3)
+    c = common.synthetic_vischema(32, seed=4)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.val_y, b.val_y) and not torch.equal(a.val_y, c.val_y)
+    assert a.train_x.shape == (1280, 3, 32, 32) and a.val_y.shape == (320, 3, 32, 32)
+    y = common.to_unit(a.train_y)
+    green, red, blue = y[:, 1].mean(), y[:, 0].mean(), y[:, 2].max()
+    assert green > 1.5 * red > 0 and blue == 0                # green carries more mass than red, blue unused
+    assert set(a.categories.values()) == set(common.SYNTH_SCENES)
+
+
+def test_real_data_loader():
+    if not REAL:
+        raise unittest.SkipTest("set VISCHEMA_DIR to the real VISCHEMA PLUS")
+    common.load_data(REAL, size=64)                            # make sure the cache exists
+    t0 = time.perf_counter()
+    d = common.load_data(REAL, size=64)
+    seconds = time.perf_counter() - t0
+    assert seconds < 1.0, f"cached load took {seconds:.2f} s"
+    assert d.train_x.shape == (1280, 3, 64, 64) and d.val_x.shape == (320, 3, 64, 64)
+    assert len(d.categories) == 1600 and not set(d.train_names) & set(d.val_names)
+    b = common.baseline_metrics(common.to_unit(d.train_y), common.to_unit(d.val_y))
+    # DESIGN.md's table: black 0.0746, mean 0.0805 (CC ~0.50), median 0.0666; small differences come from resizing
+    assert abs(b["black"]["l1"] - 0.0746) < 0.001 and abs(b["mean"]["l1"] - 0.0805) < 0.001
+    assert abs(b["median"]["l1"] - 0.0666) < 0.001 and abs(b["mean"]["cc"] - 0.50) < 0.02, b
+
+
+# ------------------------------------------------------------------------------------------------------- exp1 runs
+def test_exp1_import_does_not_train():
+    p = subprocess.run([sys.executable, "-c", "import exp1_unet"], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == "", p.stdout + p.stderr
+
+
+def test_exp1_help_explains_every_flag():
+    p = run("exp1_unet.py", "--help")
+    assert p.returncode == 0
+    for flag in ["--data", "--size", "--target", "--diffaug", "--diffaug-p", "--c", "--depth", "--norm", "--dropout",
+                 "--no-skip", "--loss", "--opt", "--lr", "--betas", "--momentum", "--batch-size", "--epochs",
+                 "--seed", "--device", "--amp", "--out", "--resume"]:
+        assert flag in p.stdout, flag
+    for action in exp1_unet.build_parser()._actions:
+        assert action.help, action.dest
+
+
+def test_exp1_synthetic_run_learns_and_beats_baselines():
+    out = TMP / "exp1_synth"
+    p = run("exp1_unet.py", *tiny_run_args(out, epochs=8), env=no_data_env())
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith("SYNTHETIC DATA"), p.stdout[:200]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and rows[-1]["train_loss"] < 0.5 * rows[0]["train_loss"], rows
+    final = json.loads((out / "final.json").read_text())
+    base = final["baselines"]
+    assert final["status"] == "ok" and final["epoch"] == 8
+    for key in ["best_epoch", "val_l1", "val_l1_green", "val_l1_red", "val_cc", "val_cc20", "train_l1", "seconds"]:
+        assert isinstance(final[key], (int, float)), key
+    assert final["val_l1"] < min(m["l1"] for m in base.values()), (final["val_l1"], base)
+    assert final["val_cc"] > base["mean"]["cc"] + 0.1, (final["val_cc"], base["mean"]["cc"])
+    for name in ("args.json", "last.pt", "best.pt", "samples/epoch0008.png"):
+        assert (out / name).exists(), name
+    assert Image.open(out / "samples" / "epoch0008.png").size[0] > 3 * 128
+
+
+def test_exp1_resume_after_kill_equals_uninterrupted_run():
+    whole, killed = TMP / "exp1_whole", TMP / "exp1_killed"
+    args = tiny_run_args(whole, epochs=4) + ["--target", "sum", "--dropout", "0.1"]
+    p = run("exp1_unet.py", *args, env=no_data_env())
+    assert p.returncode == 0, p.stderr
+    env = {**os.environ, **no_data_env(), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "exp1_unet.py"), *map(str, tiny_run_args(killed, 4)),
+                             "--target", "sum", "--dropout", "0.1"], cwd=TMP, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.7)                                            # somewhere inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final.json").exists(), "the run finished before it could be killed"
+    p = run("exp1_unet.py", "--out", killed, "--resume", env=no_data_env())
+    assert p.returncode == 0 and "resume:" in p.stdout, p.stdout + p.stderr
+    a, b = (json.loads((d / "final.json").read_text()) for d in (whole, killed))
+    for key in a:
+        if key != "seconds":
+            assert a[key] == b[key], (key, a[key], b[key])
+    rows = lambda d: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
+                      for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(whole) == rows(killed)
+    wa, wb = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (whole, killed))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_exp1_resume_extends_a_finished_run():
+    out = TMP / "exp1_extend"
+    assert run("exp1_unet.py", *tiny_run_args(out, epochs=1), env=no_data_env()).returncode == 0
+    p = run("exp1_unet.py", "--out", out, "--resume", "--epochs", 2, env=no_data_env())
+    assert p.returncode == 0 and "epoch    2/2" in p.stdout, p.stdout + p.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    p = run("exp1_unet.py", "--out", out, "--resume", "--c", 16, env=no_data_env())
+    assert p.returncode == 2 and "cannot change c" in p.stderr, p.stderr
+    p = run("exp1_unet.py", *tiny_run_args(out, epochs=1), env=no_data_env())
+    assert p.returncode == 2 and "already holds a run" in p.stderr, p.stderr
+
+
+def test_exp1_divergence_is_reported():
+    out = TMP / "exp1_diverge"
+    p = run("exp1_unet.py", *tiny_run_args(out, epochs=2), "--opt", "sgd", "--lr", "1e30", "--norm", "none",
+            env=no_data_env())
+    final = json.loads((out / "final.json").read_text())
+    assert p.returncode == 3 and final["status"] == "diverged", (p.returncode, final)
+
+
+def test_exp1_every_variant_steps():
+    torch.manual_seed(0)
+    data = common.synthetic_vischema(16, n_train=8, n_val=4)
+    for extra in (["--opt", "sgd"], ["--opt", "adadelta"], ["--opt", "adagrad", "--loss", "l2"],
+                  ["--norm", "instance", "--no-skip"], ["--norm", "group", "--target", "sum"],
+                  ["--norm", "layer", "--diffaug", "none"]):
+        args = exp1_unet.build_parser().parse_args(["--c", "4", "--depth", "3", "--batch-size", "4"] + extra)
+        model = exp1_unet.UNet(args.c, args.depth, args.norm, skip=not args.no_skip)
+        opt = exp1_unet.make_optimizer(model.parameters(), args)
+        policy = [] if args.diffaug == "none" else args.diffaug.split(",")
+        before = [p.detach().clone() for p in model.parameters()]
+        loss, l1 = exp1_unet.train_epoch(model, opt, data, args, policy, torch.device("cpu"))
+        assert math.isfinite(loss) and 0 <= l1 <= 1, extra
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), extra
+
+
+def test_save_grid_layout():
+    x = torch.zeros(3, 3, 32, 32)
+    grid = common.save_grid(TMP / "grid.png", [x, x, x])
+    assert grid.size == (3 * (128 + 2) + 2, 3 * (128 + 2) + 2)
+    assert Image.open(TMP / "grid.png").size == grid.size
+
+
+# ------------------------------------------------------------------------------------------------------- runner
+def main(patterns):
+    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)
+             and (not patterns or any(p in name for p in patterns))]
+    passed = failed = skipped = 0
+    t_all = time.perf_counter()
+    for name, fn in tests:
+        t0, log = time.perf_counter(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log):              # a test's own prints are shown only if it fails
+                fn()
+        except unittest.SkipTest as e:
+            skipped += 1
+            print(f"SKIP {name}: {e}", flush=True)
+            continue
+        except Exception:
+            failed += 1
+            print(f"FAIL {name} ({time.perf_counter() - t0:.1f} s)\n{log.getvalue()}{traceback.format_exc()}",
+                  flush=True)
+            continue
+        passed += 1
+        print(f"ok   {name} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    if failed:
+        print(f"({time.perf_counter() - t_all:.0f} s; the failed tests' files are in {TMP})")
+    else:
+        shutil.rmtree(TMP, ignore_errors=True)
+        print(f"({time.perf_counter() - t_all:.0f} s)")
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
+    return 1 if failed or not tests else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
