@@ -254,6 +254,18 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def command_line(args):
+    """The command that reproduces this run: the script and every setting that differs from its default."""
+    words = ["python", Path(__file__).name]
+    for action in build_parser()._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or action.dest in ("help", "resume", "out") or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        words += [flag] if value is True else [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return " ".join(words)
+
+
 def parse_args(argv=None):
     """Flags -> args; with --resume the run's saved settings, where only RESUMABLE ones may change."""
     parser = build_parser()
@@ -362,7 +374,7 @@ def main(argv=None):
         print(f"\ninterrupted; continue with: python exp1_unet.py --out {out} --resume")
         sys.exit(130)
 
-    final = {"experiment": "exp1_unet", "command": " ".join(["python", "exp1_unet.py"] + sys.argv[1:]),
+    final = {"experiment": "exp1_unet", "command": command_line(args),
              "status": status, "epoch": epoch, "best_epoch": best["epoch"],
              "seconds": seconds, "params": n_params, "data": data.source,
              "val_l1": None, "val_l1_green": None, "val_l1_red": None, "val_cc": None, "val_cc20": None}
