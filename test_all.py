@@ -430,6 +430,91 @@ def test_save_grid_layout():
     assert Image.open(TMP / "grid.png").size == grid.size
 
 
+# ------------------------------------------------------------------------------------------------------- sweep.py
+def test_sweep_dry_run_prints_the_study_plan():
+    p = run("sweep.py", "exp1", "--dry-run")
+    assert p.returncode == 0, p.stderr
+    assert "1. norm: batch | instance" in p.stdout and "4. betas (only if --opt adam wins)" in p.stdout, p.stdout
+    assert p.stdout.strip().splitlines()[-1].startswith("15 trials (13 if"), p.stdout
+    p = run("sweep.py", "exp1", "--only", "norm,c", "--dry-run")
+    assert p.stdout.strip().splitlines()[-1] == "5 trials", p.stdout
+    p = run("sweep.py", "exp1", "--only", "depth", "--dry-run")
+    assert p.returncode != 0 and "unknown coordinate depth" in p.stderr and "Traceback" not in p.stderr
+
+
+def processes_mentioning(text):
+    """PIDs whose command line contains `text` (Linux /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if text in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def test_sweep_survives_kill_and_restart():
+    """A tiny real sweep: two coordinates, 1 epoch, tiny models; one trial diverges, one crashes. Kill the sweep with
+    SIGKILL after two trials, restart it, and check that nothing finished ran twice and best.json names the best."""
+    space = {"start": {"--c": "4", "--lr": "0.003"},
+             "coordinates": [{"name": "lr", "options": [{"--lr": "0.003"}, {"--lr": "1e30", "--opt": "sgd",
+                                                                             "--norm": "none"}, {"--lr": "0.01"}]},
+                             {"name": "c", "options": [{"--c": "4"}, {"--c": "0"}, {"--c": "6"}]}]}
+    (TMP / "space.json").write_text(json.dumps(space))
+    out = TMP / "sweep_kill"
+    cmd = [sys.executable, str(HERE / "sweep.py"), "exp1", "--space", TMP / "space.json", "--epochs", 1, "--out", out,
+           "--", "--size", 16, "--depth", 3, "--sample-every", 100]
+    env = {**os.environ, **no_data_env()}
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=TMP, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and (
+            not results.exists() or len(results.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = [json.loads(x) for x in results.read_text().splitlines()]
+    assert len(before) == 2, before
+    time.sleep(0.5)
+    assert processes_mentioning(str(out)) == [], "a trial outlived the killed sweep"
+    p = subprocess.run(list(map(str, cmd)), cwd=TMP, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "2 finished trials" in p.stdout, p.stdout
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    assert len(rows) == 5 and len({r["key"] for r in rows}) == 5, rows   # c=4 reuses the lr coordinate's winner
+    for r in before:                                                       # finished before the kill: launched once
+        launches = [x for x in (out / r["trial"] / "sweep.log").read_text().splitlines() if x.startswith("$ ")]
+        assert len(launches) == 1, (r["trial"], launches)
+    status = {r["option"]: r["status"] for r in rows}
+    assert status["1e30-sgd-none"] == "diverged" and status["0"].startswith("crashed"), status
+    ok = [r for r in rows if r["status"] == "ok"]
+    best = json.loads((out / "best.json").read_text())
+    assert best["trial"] == min(ok, key=lambda r: r["val_l1"])["trial"], (best, ok)
+    assert best["command"].startswith("python exp1_unet.py ") and best["command"].endswith("--epochs 100")
+    assert len((out / "leaderboard.md").read_text().splitlines()) == 2 + 5
+
+
+def test_sweep_parallel_trials_share_gpus_and_launcher_prefixes():
+    space = {"start": {"--c": "4"}, "coordinates": [{"name": "lr", "options": [{"--lr": v} for v in
+                                                                               ("0.001", "0.002", "0.003")]}]}
+    (TMP / "space3.json").write_text(json.dumps(space))
+    tiny = ["--", "--size", 16, "--depth", 2, "--sample-every", 100]
+    out = TMP / "sweep_gpus"
+    p = run("sweep.py", "exp1", "--space", TMP / "space3.json", "--epochs", 1, "--jobs", 3, "--out", out, *tiny,
+            env={**no_data_env(), "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    gpus = sorted(log.read_text().split("CUDA_VISIBLE_DEVICES=")[1][0] for log in out.glob("*/sweep.log"))
+    assert gpus == ["0", "0", "1"], gpus                       # three trials spread over two GPUs
+    out = TMP / "sweep_launcher"
+    p = run("sweep.py", "exp1", "--space", TMP / "space3.json", "--epochs", 1, "--jobs", 2, "--out", out,
+            "--launcher", "env VMS_LAUNCHED=1", *tiny, env={**no_data_env(), "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    logs = [log.read_text() for log in out.glob("*/sweep.log")]
+    assert len(logs) == 3 and all(x.startswith("$ env VMS_LAUNCHED=1 ") for x in logs), logs
+
+
 # ------------------------------------------------------------------------------------------------------- runner
 def main(patterns):
     tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)
