@@ -1,12 +1,9 @@
 """Data and metrics shared by the three experiments.
 
-Data:    load_data() gives the VISCHEMA PLUS train/val split (or the built-in synthetic set) as tensors in [-1, 1].
-Metrics: l1_metrics(), cc_metrics() and baseline_metrics() score maps on the [0, 1] scale, as the study reported.
-Figures: save_grid() writes rows of image | true map | predicted map as a PNG.
-
-Every tensor that goes into or comes out of a model is in [-1, 1]; every metric is computed on the [0, 1] scale.
-A VMS map is an RGB image: green = true VMS (why people remembered), red = false VMS (why they wrongly believed
-they did), blue unused.
+Data: load_data() gives the VISCHEMA PLUS split (or the synthetic set) as tensors in [-1, 1], the models' range.
+Metrics: l1_metrics(), cc_metrics(), baseline_metrics() and fid() score maps on the [0, 1] scale, as the study did.
+Figures: save_grid() writes rows of image | true map | predicted map. A VMS map is an RGB image: green = true VMS
+(why people remembered), red = false VMS (why they wrongly believed they did), blue unused.
 """
 import csv
 import hashlib
@@ -15,12 +12,14 @@ import os
 import random
 import sys
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -53,35 +52,22 @@ def read_names(path):
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def read_categories(root):
-    path = root / "viscplus_categories.csv"
-    if not path.exists():
-        return {}
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return {row["name"].strip(): row["category"].strip() for row in csv.DictReader(f) if row.get("name")}
-
-
 def split_names(root, split_seed=0):
     """(train names, val names): the study's split files, or a seeded 80/20 split of the sorted names."""
-    train_file, val_file = root / "viscplus_train.csv", root / "viscplus_val.csv"
+    train_file, val_file, listed = root / "viscplus_train.csv", root / "viscplus_val.csv", root / "viscplus.csv"
     if train_file.exists() != val_file.exists():
-        missing = val_file if train_file.exists() else train_file
-        raise DataError(f"{missing}: missing (give both split files, or neither for an automatic 80/20 split)")
+        raise DataError(f"{val_file if train_file.exists() else train_file}: missing (give both split files, or "
+                        "neither for an automatic 80/20 split)")
     if train_file.exists():
         train, val = read_names(train_file), read_names(val_file)
-        for path, names in ((train_file, train), (val_file, val)):
-            if not names:
-                raise DataError(f"{path}: empty split file (no names in it)")
+        if not train or not val:
+            raise DataError(f"{val_file if train else train_file}: empty split file (no names in it)")
         return train, val
-    listed = root / "viscplus.csv"
-    if listed.exists():
-        names = sorted(set(read_names(listed)))
-        if not names:
-            raise DataError(f"{listed}: empty name list")
-    else:
-        names = sorted({p.name for d in ("images", "vms") for p in (root / d).iterdir() if not p.name.startswith(".")})
-    shuffled = names[:]
-    random.Random(split_seed).shuffle(shuffled)
+    names = sorted(set(read_names(listed)) if listed.exists() else
+                   {p.name for d in ("images", "vms") for p in (root / d).iterdir() if not p.name.startswith(".")})
+    if not names:
+        raise DataError(f"{listed if listed.exists() else root / 'images'}: no names")
+    shuffled = random.Random(split_seed).sample(names, len(names))
     n_train = round(0.8 * len(names))
     print(f"split: no viscplus_train.csv/viscplus_val.csv in {root}; seeded 80/20 split of the {len(names)} "
           f"sorted names (seed {split_seed}): {n_train} train / {len(names) - n_train} val")
@@ -91,13 +77,11 @@ def split_names(root, split_seed=0):
 def check_pairs(root, names):
     """Every name needs images/<name> and vms/<name>; say which half of a pair is missing."""
     for name in names:
-        has_image, has_map = (root / "images" / name).is_file(), (root / "vms" / name).is_file()
-        if not has_image and not has_map:
-            raise DataError(f"{name}: listed in the split files but neither images/{name} nor vms/{name} exists")
-        if not has_map:
-            raise DataError(f"{root / 'images' / name}: image without its map (expected {root / 'vms' / name})")
-        if not has_image:
-            raise DataError(f"{root / 'vms' / name}: map without its image (expected {root / 'images' / name})")
+        image, vms = root / "images" / name, root / "vms" / name
+        if not image.is_file() or not vms.is_file():
+            raise DataError(f"{image}: image without its map (expected {vms})" if image.is_file() else
+                            f"{vms}: map without its image (expected {image})" if vms.is_file() else
+                            f"{name}: listed in the split files but neither {image} nor {vms} exists")
 
 
 def decode(path, size, resample):
@@ -121,11 +105,8 @@ def cache_file(root, size):
 
 def cache_key(root, names, size):
     """Changes whenever a file is added, removed, replaced or touched, or the size or resizing changes."""
-    stats = []
-    for name in names:
-        for d in ("images", "vms"):
-            st = (root / d / name).stat()
-            stats.append((d, name, st.st_size, st.st_mtime_ns))
+    stats = [(d, n, st.st_size, st.st_mtime_ns)
+             for n in names for d in ("images", "vms") for st in [(root / d / n).stat()]]
     blob = json.dumps([CACHE_VERSION, size, {k: int(v) for k, v in RESAMPLE.items()}, stats]).encode()
     return hashlib.sha256(blob).hexdigest()
 
@@ -169,17 +150,11 @@ def to_model_range(u8):
 
 def resolve_data(path=None):
     """--data PATH, else $VISCHEMA_DIR, else ./data/VISCHEMA_PLUS. Returns (folder or None, reason for None)."""
-    if path is not None:
-        root = Path(path)
-        if not root.is_dir():
-            raise DataError(f"--data {path}: no such folder")
-        return root, ""
-    candidates = [("$VISCHEMA_DIR", os.environ["VISCHEMA_DIR"])] if os.environ.get("VISCHEMA_DIR") else []
-    candidates.append(("default", str(DEFAULT_DATA)))
-    for _, p in candidates:
-        if Path(p).is_dir():
-            return Path(p), ""
-    return None, ", ".join(f"{what} {p}" for what, p in candidates) + " not found"
+    if path is not None and not Path(path).is_dir():
+        raise DataError(f"--data {path}: no such folder")
+    tried = [p for p in (path, os.environ.get("VISCHEMA_DIR"), str(DEFAULT_DATA)) if p]
+    found = next((Path(p) for p in tried if Path(p).is_dir()), None)
+    return found, "" if found else " and ".join(tried) + " not found"
 
 
 def load_data(path=None, size=64, device="cpu", split_seed=0, synthetic_seed=0):
@@ -200,7 +175,10 @@ def load_data(path=None, size=64, device="cpu", split_seed=0, synthetic_seed=0):
     images, maps = load_pairs(root, names, size)
     index = {n: i for i, n in enumerate(names)}
     pick = lambda t, ns: to_model_range(t[[index[n] for n in ns]]).to(device)  # noqa: E731
-    categories = read_categories(root)
+    categories = {}
+    if (root / "viscplus_categories.csv").exists():
+        with open(root / "viscplus_categories.csv", encoding="utf-8-sig", newline="") as f:
+            categories = {r["name"].strip(): r["category"].strip() for r in csv.DictReader(f) if r.get("name")}
     print(f"data: VISCHEMA PLUS from {root}: {len(train)} train / {len(val)} val at {size} px"
           + (f", {len(set(categories.values()))} categories" if categories else ""))
     return VMSData(pick(images, train), pick(maps, train), pick(images, val), pick(maps, val),
@@ -208,17 +186,15 @@ def load_data(path=None, size=64, device="cpu", split_seed=0, synthetic_seed=0):
 
 
 # ------------------------------------------------------------------------------------------------ the synthetic set
-# Object classes: (name, colour RGB in [0, 1], shape, role). "memorable" objects get green VMS rectangles, "lure"
-# objects red ones, "neutral" objects none. Class is visible from colour and shape, position is random (with a mild
-# centre bias, like photographs), so a model can learn the maps while no constant map can match them.
-SYNTH_CLASSES = [
-    ("face", (0.95, 0.75, 0.55), "disc", "memorable"),
-    ("sign", (1.00, 0.85, 0.10), "square", "memorable"),
-    ("car", (0.15, 0.30, 0.90), "rect", "lure"),
-    ("tree", (0.15, 0.55, 0.20), "disc", "neutral"),
-    ("rock", (0.50, 0.48, 0.45), "rect", "neutral"),
-    ("door", (0.45, 0.25, 0.10), "tall", "neutral"),
-]
+# Object classes: name, colour (RGB in [0, 1]), width and height factors, round or not, role. "memorable" objects get
+# green VMS rectangles, "lure" objects red ones, "neutral" objects none. The class shows in colour and shape, the
+# position is random (centre-biased, like photographs): a model can learn the maps, no constant map can match them.
+SYNTH_CLASSES = [("face", (0.95, 0.75, 0.55), 1.0, 1.0, True, "memorable"),
+                 ("sign", (1.00, 0.85, 0.10), 1.0, 1.0, False, "memorable"),
+                 ("car", (0.15, 0.30, 0.90), 1.6, 0.7, False, "lure"),
+                 ("tree", (0.15, 0.55, 0.20), 1.0, 1.0, True, "neutral"),
+                 ("rock", (0.50, 0.48, 0.45), 1.6, 0.7, False, "neutral"),
+                 ("door", (0.45, 0.25, 0.10), 0.6, 1.8, False, "neutral")]
 SYNTH_SCENES = ["outdoor", "indoor"]
 
 
@@ -227,45 +203,40 @@ def synthetic_vischema(size=64, n_train=1280, n_val=320, seed=0, device="cpu", m
     g = torch.Generator().manual_seed(seed)
     n, k = n_train + n_val, max_objects
     rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
-    coords = (torch.arange(size) + 0.5) / size
-    yy, xx = coords.view(1, 1, size, 1), coords.view(1, 1, 1, size)
+    table = lambda i: torch.tensor([c[i] for c in SYNTH_CLASSES])  # noqa: E731
+    yy = xx = (torch.arange(size) + 0.5) / size
+    yy, xx = yy.view(1, 1, size, 1), xx.view(1, 1, 1, size)
 
-    # Background: a sky/ceiling above a ground/floor at a random horizon, low-frequency texture, sensor noise.
+    # Background: sky (or ceiling) over ground (or floor) at a random horizon, low-frequency texture.
     scene = (rand(n) < 0.5).long()  # 0 outdoor, 1 indoor
-    top = torch.where(scene.view(n, 1) == 0, torch.tensor([0.55, 0.70, 0.90]), torch.tensor([0.85, 0.82, 0.75]))
-    bottom = torch.where(scene.view(n, 1) == 0, torch.tensor([0.45, 0.55, 0.30]), torch.tensor([0.55, 0.45, 0.35]))
-    top, bottom = top + 0.1 * (rand(n, 3) - 0.5), bottom + 0.1 * (rand(n, 3) - 0.5)
-    horizon = 0.35 + 0.3 * rand(n, 1, 1, 1)
-    ground = (yy > horizon).float()
+    top = torch.tensor([[0.55, 0.70, 0.90], [0.85, 0.82, 0.75]])[scene] + 0.1 * (rand(n, 3) - 0.5)
+    bottom = torch.tensor([[0.45, 0.55, 0.30], [0.55, 0.45, 0.35]])[scene] + 0.1 * (rand(n, 3) - 0.5)
+    ground = (yy > 0.35 + 0.3 * rand(n, 1, 1, 1)).float()
     img = top.view(n, 3, 1, 1) * (1 - ground) + bottom.view(n, 3, 1, 1) * ground
-    texture = F.interpolate(rand(n, 1, 8, 8) - 0.5, size=(size, size), mode="bicubic", align_corners=False)
-    img = img + 0.15 * texture
+    img = img + 0.15 * F.interpolate(rand(n, 1, 8, 8) - 0.5, size=(size, size), mode="bicubic", align_corners=False)
 
-    # Objects, painted back to front; k per image, some absent.
+    # Objects, painted back to front; k per image, some absent; then sensor noise.
     cls = torch.multinomial(torch.tensor([0.2, 0.2, 0.15, 0.15, 0.15, 0.15]), n * k, True, generator=g).view(n, k)
-    present = rand(n, k) < 0.7
-    cx = (0.5 + 0.25 * torch.randn(n, k, generator=g)).clamp(0.1, 0.9)
-    cy = (0.55 + 0.2 * torch.randn(n, k, generator=g)).clamp(0.15, 0.9)
-    half = 0.06 + 0.08 * rand(n, k)
-    shape_of = [s for _, _, s, _ in SYNTH_CLASSES]
-    hw = torch.tensor([{"disc": 1.0, "square": 1.0, "rect": 1.6, "tall": 0.6}[s] for s in shape_of])[cls] * half
-    hh = torch.tensor([{"disc": 1.0, "square": 1.0, "rect": 0.7, "tall": 1.8}[s] for s in shape_of])[cls] * half
-    colour = torch.tensor([c for _, c, _, _ in SYNTH_CLASSES])[cls] + 0.08 * (rand(n, k, 3) - 0.5)
-    dx, dy = (xx - cx.view(n, k, 1, 1)) / hw.view(n, k, 1, 1), (yy - cy.view(n, k, 1, 1)) / hh.view(n, k, 1, 1)
-    is_disc = torch.tensor([s == "disc" for s in shape_of])[cls].view(n, k, 1, 1)
-    inside = torch.where(is_disc, dx ** 2 + dy ** 2 < 1, (dx.abs() < 1) & (dy.abs() < 1)) & present.view(n, k, 1, 1)
+    present = (rand(n, k) < 0.7).view(n, k, 1, 1)
+    cx = (0.5 + 0.25 * torch.randn(n, k, generator=g)).clamp(0.1, 0.9).view(n, k, 1, 1)
+    cy = (0.55 + 0.2 * torch.randn(n, k, generator=g)).clamp(0.15, 0.9).view(n, k, 1, 1)
+    half = (0.06 + 0.08 * rand(n, k)).view(n, k, 1, 1)
+    dx, dy = (xx - cx) / (table(2)[cls].view(n, k, 1, 1) * half), (yy - cy) / (table(3)[cls].view(n, k, 1, 1) * half)
+    round_ = table(4)[cls].view(n, k, 1, 1)
+    inside = torch.where(round_, dx ** 2 + dy ** 2 < 1, (dx.abs() < 1) & (dy.abs() < 1)) & present
+    colour = table(1)[cls] + 0.08 * (rand(n, k, 3) - 0.5)
     for j in range(k):
         img = torch.where(inside[:, j:j + 1], colour[:, j].view(n, 3, 1, 1), img)
     img = (img + 0.03 * torch.randn(img.shape, generator=g)).clamp(0, 1)
 
     # Maps: each of three "observers" marks every memorable (green) or lure (red) object with a loose,
     # semi-transparent rectangle; the rectangles stack, as in the real maps.
-    role = torch.tensor([["memorable", "lure", "neutral"].index(r) for _, _, _, r in SYNTH_CLASSES])[cls]
+    role = torch.tensor([["memorable", "lure", "neutral"].index(c[5]) for c in SYNTH_CLASSES])[cls]
     vms = torch.zeros(n, 3, size, size)
     for _ in range(3):
         jx, jy = 0.4 * (rand(n, k, 1, 1) - 0.5), 0.4 * (rand(n, k, 1, 1) - 0.5)
         grow = 1.2 + 0.6 * rand(n, k, 1, 1)
-        box = ((dx - jx).abs() < grow) & ((dy - jy).abs() < grow) & present.view(n, k, 1, 1)
+        box = ((dx - jx).abs() < grow) & ((dy - jy).abs() < grow) & present
         alpha = (0.25 + 0.2 * rand(n, k, 1, 1)) * box
         for channel, which in ((1, 0), (0, 1)):
             hit = (role == which).view(n, k, 1, 1)
@@ -370,3 +341,154 @@ def fail(message, status=2):
     """Print one clear error line and exit: what scripts do with DataError and bad arguments."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
+
+
+# ------------------------------------------------------------------------------------------------------------- FID
+# FID's network is TensorFlow's Inception of 2015-12-05 as ported by pytorch-fid (FID_WEIGHTS). This copy of the
+# architecture has that file's parameter names and shapes, so the file loads strictly. No file, no FID: it is then
+# reported as unavailable, never computed from random weights.
+FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def _add_units(block, **units):
+    """Register TF Inception's units (pytorch-fid's BasicConv2d: conv without bias, batch norm eps 0.001, ReLU)
+    on `block`, each given as name=(in, out, kernel, stride=1, padding=0)."""
+    for name, (cin, cout, kernel, *rest) in units.items():
+        stride, padding = (rest + [1, 0][len(rest):])[:2]
+        block.add_module(name, nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
+            bn=nn.BatchNorm2d(cout, eps=0.001), relu=nn.ReLU())))
+
+
+def _chain(x, *units):
+    for unit in units:
+        x = unit(x)
+    return x
+
+
+def _avg(x):
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)  # TensorFlow's average pool ignores the padding
+
+
+R7, C7, R3, C3 = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0)), ((1, 3), 1, (0, 1)), ((3, 1), 1, (1, 0))  # 1xk, kx1
+
+
+class _MixedA(nn.Module):  # Mixed_5b, 5c, 5d at 35 x 35
+    def __init__(self, cin, pool):
+        super().__init__()
+        _add_units(self, branch1x1=(cin, 64, 1), branch5x5_1=(cin, 48, 1), branch5x5_2=(48, 64, 5, 1, 2),
+                   branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1), branch3x3dbl_3=(96, 96, 3, 1, 1),
+                   branch_pool=(cin, pool, 1))
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), _chain(x, self.branch5x5_1, self.branch5x5_2),
+                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          self.branch_pool(_avg(x))], 1)
+
+
+class _MixedB(nn.Module):  # Mixed_6a, 35 x 35 -> 17 x 17
+    def __init__(self, cin):
+        super().__init__()
+        _add_units(self, branch3x3=(cin, 384, 3, 2), branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1),
+                   branch3x3dbl_3=(96, 96, 3, 2))
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          F.max_pool2d(x, 3, 2)], 1)
+
+
+class _MixedC(nn.Module):  # Mixed_6b to 6e at 17 x 17: 7 x 7 convolutions factorised into 1 x 7 and 7 x 1
+    def __init__(self, cin, c):
+        super().__init__()
+        _add_units(self, branch1x1=(cin, 192, 1), branch7x7_1=(cin, c, 1), branch7x7_2=(c, c, *R7),
+                   branch7x7_3=(c, 192, *C7), branch7x7dbl_1=(cin, c, 1), branch7x7dbl_2=(c, c, *C7),
+                   branch7x7dbl_3=(c, c, *R7), branch7x7dbl_4=(c, c, *C7), branch7x7dbl_5=(c, 192, *R7),
+                   branch_pool=(cin, 192, 1))
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
+                          _chain(x, *(getattr(self, f"branch7x7dbl_{i}") for i in range(1, 6))),
+                          self.branch_pool(_avg(x))], 1)
+
+
+class _MixedD(nn.Module):  # Mixed_7a, 17 x 17 -> 8 x 8
+    def __init__(self, cin):
+        super().__init__()
+        _add_units(self, branch3x3_1=(cin, 192, 1), branch3x3_2=(192, 320, 3, 2), branch7x7x3_1=(cin, 192, 1),
+                   branch7x7x3_2=(192, 192, *R7), branch7x7x3_3=(192, 192, *C7), branch7x7x3_4=(192, 192, 3, 2))
+
+    def forward(self, x):
+        return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2),
+                          _chain(x, *(getattr(self, f"branch7x7x3_{i}") for i in range(1, 5))),
+                          F.max_pool2d(x, 3, 2)], 1)
+
+
+class _MixedE(nn.Module):  # Mixed_7b, 7c at 8 x 8; the FID graph's 7c pools by max (an accident kept for FID)
+    def __init__(self, cin, pool):
+        super().__init__()
+        _add_units(self, branch1x1=(cin, 320, 1), branch3x3_1=(cin, 384, 1), branch3x3_2a=(384, 384, *R3),
+                   branch3x3_2b=(384, 384, *C3), branch3x3dbl_1=(cin, 448, 1), branch3x3dbl_2=(448, 384, 3, 1, 1),
+                   branch3x3dbl_3a=(384, 384, *R3), branch3x3dbl_3b=(384, 384, *C3), branch_pool=(cin, 192, 1))
+        self.pool = pool
+
+    def forward(self, x):
+        a, b = self.branch3x3_1(x), _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
+        pooled = _avg(x) if self.pool == "avg" else F.max_pool2d(x, 3, 1, 1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a), self.branch3x3dbl_3a(b),
+                          self.branch3x3dbl_3b(b), self.branch_pool(pooled)], 1)
+
+
+class InceptionV3FID(nn.Module):
+    """N x 3 x H x W images in [0, 1] -> N x 2048 pool features, as pytorch-fid computes them: resize to 299 x 299
+    (bilinear, align_corners False), scale to [-1, 1], Inception up to the global average pool. weights_path: the
+    FID weights file, loaded strictly (without one the weights are random: for tests only, never for a score)."""
+
+    def __init__(self, weights_path=None):
+        super().__init__()
+        _add_units(self, Conv2d_1a_3x3=(3, 32, 3, 2), Conv2d_2a_3x3=(32, 32, 3), Conv2d_2b_3x3=(32, 64, 3, 1, 1),
+                   Conv2d_3b_1x1=(64, 80, 1), Conv2d_4a_3x3=(80, 192, 3))
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = _MixedA(192, 32), _MixedA(256, 64), _MixedA(288, 64)
+        self.Mixed_6a = _MixedB(288)
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (_MixedC(768, c) for c in (128, 160, 160, 192))
+        self.Mixed_7a, self.Mixed_7b, self.Mixed_7c = _MixedD(768), _MixedE(1280, "avg"), _MixedE(2048, "max")
+        self.fc = nn.Linear(2048, 1008)  # ImageNet logits: unused by FID, but part of the file
+        if weights_path is not None:
+            self.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        self.eval().requires_grad_(False)
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+        x = F.max_pool2d(_chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3), 3, 2)
+        x = F.max_pool2d(_chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3), 3, 2)
+        x = _chain(x, *(getattr(self, f"Mixed_{b}") for b in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a",
+                                                               "7b", "7c")))
+        return x.mean((2, 3))
+
+
+def inception_weights(path=None):
+    """(weights file, "") from --inception-weights or the torch hub cache, else (None, why FID is unavailable)."""
+    if path:
+        return (Path(path), "") if Path(path).is_file() else (None, f"--inception-weights {path}: no such file")
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
+    return (hub, "") if hub.is_file() else (None, f"no FID weights: pass --inception-weights PATH or put "
+                                                  f"pytorch-fid's {FID_WEIGHTS} in {hub.parent}")
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64. Tr((S1 S2)^(1/2)) is the sum of the square roots
+    of the eigenvalues of S1^(1/2) S2 S1^(1/2): symmetric, with the eigenvalues of S1 S2, so no scipy is needed."""
+    mu1, s1, mu2, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    w, v = torch.linalg.eigh(s1)
+    root1 = (v * w.clamp_min(0).sqrt()) @ v.T
+    eig = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp_min(0)
+    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * eig.sqrt().sum()).item()
+
+
+@torch.no_grad()
+def fid(net, pred, true, batch=50):
+    """FID between two sets of maps (N x 3 x H x W on [0, 1]), with an InceptionV3FID that holds the real weights."""
+    stats = []
+    for maps in (pred, true):
+        feats = torch.cat([net(b.float()) for b in maps.split(batch)]).double()
+        stats += [feats.mean(0), torch.cov(feats.T)]
+    return frechet_distance(*stats)

@@ -359,8 +359,8 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
             if val["l1"] < best["val_l1"]:
                 best = {"val_l1": val["l1"], "epoch": epoch, **{"val_" + k: v for k, v in val.items()}}
-                save_atomic({"model": model.state_dict(), "args": vars(args), "epoch": epoch, "metrics": best},
-                            out / "best.pt")
+                save_atomic({"model": model.state_dict(), "args": vars(args), "epoch": epoch, "metrics": best,
+                             "experiment": "exp1_unet"}, out / "best.pt")
             if epoch % args.sample_every == 0 or epoch == args.epochs:
                 pred = predict(model, data.val_x[:8], args.target, args.amp)
                 common.save_grid(out / "samples" / f"epoch{epoch:04d}.png", [data.val_x[:8], data.val_y[:8], pred])

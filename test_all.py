@@ -166,6 +166,95 @@ def test_cutout_blanks_half_size_square():
     assert areas.max() == 64 and areas.min() > 0              # an 8 x 8 square, sometimes clipped by the border
 
 
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 6))
+    cov = a.T @ a / 50
+    mu = rng.normal(size=6)
+    assert abs(common.frechet_distance(mu, cov, mu, cov)) < 1e-9                       # identical Gaussians
+    shift = np.arange(6.0)
+    assert math.isclose(common.frechet_distance(mu, cov, mu + shift, cov), (shift ** 2).sum(), rel_tol=1e-9)
+    d1, d2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])                     # diagonal covariances
+    want = 1.0 + sum((np.sqrt(d1) - np.sqrt(d2)) ** 2)                                 # |mu1 - mu2|^2 = 1
+    assert math.isclose(common.frechet_distance([0, 0, 1], np.diag(d1), [0, 0, 0], np.diag(d2)), want, rel_tol=1e-9)
+    b = rng.normal(size=(40, 6))                                                       # the usual sqrtm(S1 S2) form
+    cov2 = b.T @ b / 40
+    tr_sqrt = np.sqrt(np.linalg.eigvals(cov @ cov2).real.clip(0)).sum()
+    want = ((mu - 1) ** 2).sum() + np.trace(cov) + np.trace(cov2) - 2 * tr_sqrt
+    assert math.isclose(common.frechet_distance(mu, cov, np.ones(6), cov2), want, rel_tol=1e-9)
+
+
+# Shapes of the FID weights file, written down from the Inception-v3 architecture (torchvision's Inception3 with
+# pytorch-fid's changes): conv weights (out, in, kh, kw), one per block at least, and the ImageNet head.
+FID_FILE_SHAPES = {
+    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_2b_3x3.conv.weight": (64, 32, 3, 3),
+    "Conv2d_4a_3x3.conv.weight": (192, 80, 3, 3), "Conv2d_4a_3x3.bn.running_var": (192,),
+    "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1), "Mixed_5d.branch5x5_2.conv.weight": (64, 48, 5, 5),
+    "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3), "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+    "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7), "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+    "Mixed_7a.branch7x7x3_3.conv.weight": (192, 192, 7, 1), "Mixed_7b.branch3x3dbl_1.conv.weight": (448, 1280, 1, 1),
+    "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1), "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+    "Mixed_7c.branch1x1.bn.bias": (320,), "fc.weight": (1008, 2048), "fc.bias": (1008,),
+}
+
+
+def test_inception_fid_matches_the_weights_file_layout():
+    net = common.InceptionV3FID()
+    sd = net.state_dict()
+    for name, shape in FID_FILE_SHAPES.items():
+        assert tuple(sd[name].shape) == shape, (name, tuple(sd[name].shape))
+    convs = [k for k in sd if k.endswith(".conv.weight")]
+    assert len(convs) == 94 and not any("Aux" in k for k in sd)               # 94 units, no auxiliary head
+    blocks = sorted({k.split(".")[0] for k in sd})
+    assert blocks == sorted(["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                             "fc"] + [f"Mixed_{b}" for b in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a",
+                                                             "7b", "7c")])
+    for k in convs:                                                            # each unit: conv + batch norm
+        unit = k[:-len(".conv.weight")]
+        assert {f"{unit}.bn.{p}" for p in ("weight", "bias", "running_mean", "running_var")} <= set(sd), unit
+    # torchvision's inception_v3 has 27,161,264 parameters; minus its aux head (3,326,696) and 1000-class fc
+    # (2,049,000), plus the FID file's 1008-class fc (2,065,392):
+    assert sum(p.numel() for p in net.parameters()) == 27_161_264 - 3_326_696 - 2_049_000 + 2_065_392
+    assert all(m.eps == 0.001 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_inception_fid_state_dict_round_trip_is_strict():
+    torch.manual_seed(0)
+    net = common.InceptionV3FID()
+    for m in net.modules():                                   # non-trivial statistics, so the round trip shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2)
+    path = TMP / "inception.pth"
+    torch.save(net.state_dict(), path)
+    loaded = common.InceptionV3FID(path)
+    x = torch.rand(2, 3, 64, 64)
+    f1, f2 = net(x), loaded(x)
+    assert f1.shape == (2, 2048) and torch.equal(f1, f2)
+    sd = net.state_dict()
+    del sd["Mixed_6c.branch7x7_3.conv.weight"]
+    torch.save(sd, path)
+    try:
+        common.InceptionV3FID(path)
+    except RuntimeError as e:
+        assert "Mixed_6c.branch7x7_3.conv.weight" in str(e)
+    else:
+        raise AssertionError("a file with a missing tensor loaded")
+    maps = torch.rand(3, 3, 32, 32)
+    assert abs(common.fid(loaded, maps, maps)) < 1e-6                    # the same set: distance 0
+
+
+def test_fid_is_unavailable_without_weights():
+    path, why = common.inception_weights(TMP / "nowhere.pth")
+    assert path is None and "no such file" in why
+    old = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(TMP / "empty_torch_home")
+    try:
+        path, why = common.inception_weights()
+        assert path is None and common.FID_WEIGHTS in why and "--inception-weights" in why, why
+    finally:
+        os.environ.pop("TORCH_HOME") if old is None else os.environ.__setitem__("TORCH_HOME", old)
+
+
 # ------------------------------------------------------------------------------------------------------- loading
 def test_loader_on_disk_dataset():
     root = TMP / "ds_ok"
