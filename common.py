@@ -111,11 +111,12 @@ def cache_key(root, names, size):
     return hashlib.sha256(blob).hexdigest()
 
 
-def load_pairs(root, names, size):
-    """Decoded, resized uint8 tensors (N x 3 x S x S) for images and maps, from the cache when it is current."""
+def load_pairs(root, names, size, refresh=False):
+    """Decoded, resized uint8 tensors (N x 3 x S x S) for images and maps, from the cache when it is current
+    (refresh: decode and rewrite the cache regardless)."""
     path, key = cache_file(root, size), cache_key(root, names, size)
     t0 = time.perf_counter()
-    if path.exists():
+    if path.exists() and not refresh:
         try:
             cached = torch.load(path, weights_only=True)
             if cached.get("key") == key:
@@ -157,8 +158,9 @@ def resolve_data(path=None):
     return found, "" if found else " and ".join(tried) + " not found"
 
 
-def load_data(path=None, size=64, device="cpu", split_seed=0, synthetic_seed=0):
-    """The train/val split as VMSData on `device`; the synthetic set (announced loudly) when no data is found."""
+def load_data(path=None, size=64, device="cpu", split_seed=0, synthetic_seed=0, refresh=False):
+    """The train/val split as VMSData on `device`; the synthetic set (announced loudly) when no data is found.
+    refresh: decode the JPEGs even when the cache is current (bench.py times both)."""
     if size < 8:
         raise DataError(f"--size {size}: too small (at least 8 pixels)")
     root, reason = resolve_data(path)
@@ -172,7 +174,7 @@ def load_data(path=None, size=64, device="cpu", split_seed=0, synthetic_seed=0):
     train, val = split_names(root, split_seed)
     check_pairs(root, train + val)
     names = sorted(set(train + val))
-    images, maps = load_pairs(root, names, size)
+    images, maps = load_pairs(root, names, size, refresh)
     index = {n: i for i, n in enumerate(names)}
     pick = lambda t, ns: to_model_range(t[[index[n] for n in ns]]).to(device)  # noqa: E731
     categories = {}
