@@ -392,8 +392,8 @@ def main(argv=None):
     (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     n_params, d_params = (sum(p.numel() for p in net.parameters()) for net in (G, D))
     base = common.baseline_metrics(common.to_unit(data.train_y), common.to_unit(data.val_y))
-    print(f"exp2: UNet c={args.c} ({n_params / 1e6:.2f} M parameters, {args.g_opt}) vs {args.disc} discriminator "
-          f"c={args.d_c} ({d_params / 1e6:.2f} M, {args.d_opt}); {args.gan_loss} + {args.l1_weight:g} x L1; {out}")
+    print(f"exp2: UNet c={args.c} ({n_params / 1e6:.2f} M, {args.g_opt}) vs {args.disc} discriminator c={args.d_c} "
+          f"({d_params / 1e6:.2f} M, {args.d_opt}); {args.gan_loss} + {args.l1_weight:g} x L1; {device}; folder {out}")
     print("baselines (val): " + " | ".join(f"{k} L1 {m['l1']:.4f} CC {m['cc']:.3f}" for k, m in base.items()))
 
     status, epoch = "ok", start
