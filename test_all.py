@@ -325,6 +325,32 @@ def test_real_data_loader():
 
 
 # ------------------------------------------------------------------------------------------------------- exp1 runs
+def sigkill_in_epoch_2(proc, out, delay):
+    """SIGKILL a training run `delay` seconds after its first last.pt appeared in `out` (so inside epoch 2)."""
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final.json").exists(), "the run finished before it could be killed"
+
+
+def assert_same_run(whole, resumed, weights):
+    """Two run folders hold the same run: final.json and every metrics.jsonl row equal but for the seconds, and the
+    last.pt state dicts named in `weights` equal tensor by tensor."""
+    a, b = (json.loads((d / "final.json").read_text()) for d in (whole, resumed))
+    for key in a:
+        if key != "seconds":
+            assert a[key] == b[key], (key, a[key], b[key])
+    rows = lambda d: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
+                      for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(whole) == rows(resumed)
+    ca, cb = (torch.load(d / "last.pt", weights_only=True) for d in (whole, resumed))
+    for name in weights:
+        assert all(torch.equal(ca[name][k], cb[name][k]) for k in ca[name]), name
+
+
 def test_exp1_import_does_not_train():
     p = subprocess.run([sys.executable, "-c", "import exp1_unet"], cwd=HERE, capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout == "", p.stdout + p.stderr
@@ -369,24 +395,10 @@ def test_exp1_resume_after_kill_equals_uninterrupted_run():
     proc = subprocess.Popen([sys.executable, str(HERE / "exp1_unet.py"), *map(str, tiny_run_args(killed, 4)),
                              "--target", "sum", "--dropout", "0.1"], cwd=TMP, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.7)                                            # somewhere inside epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "final.json").exists(), "the run finished before it could be killed"
+    sigkill_in_epoch_2(proc, killed, delay=0.7)
     p = run("exp1_unet.py", "--out", killed, "--resume", env=no_data_env())
     assert p.returncode == 0 and "resume:" in p.stdout, p.stdout + p.stderr
-    a, b = (json.loads((d / "final.json").read_text()) for d in (whole, killed))
-    for key in a:
-        if key != "seconds":
-            assert a[key] == b[key], (key, a[key], b[key])
-    rows = lambda d: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
-                      for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert rows(whole) == rows(killed)
-    wa, wb = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (whole, killed))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_run(whole, killed, ["model"])
 
 
 def test_exp1_resume_extends_a_finished_run():
@@ -657,19 +669,12 @@ def test_exp2_resume_after_kill_and_ctrl_c_equals_uninterrupted_run():
     whole, killed = TMP / "exp2_whole", TMP / "exp2_killed"
     flags = ["--target", "sum", "--dropout", "0.1", "--gan-loss", "wgan-gp", "--d-norm", "layer", "--disc", "global"]
     env = {**os.environ, **no_data_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    start = lambda out, *extra: subprocess.Popen(  # noqa: E731
-        [sys.executable, str(HERE / "exp2_gan.py"), *map(str, extra)], cwd=TMP, env=env, text=True,
+    start = lambda *argv: subprocess.Popen(  # noqa: E731
+        [sys.executable, str(HERE / "exp2_gan.py"), *map(str, argv)], cwd=TMP, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    reference = start(whole, *exp2_tiny_args(whole, 4), *flags)
-    proc = start(killed, *exp2_tiny_args(killed, 4), *flags)
-    deadline = time.time() + 120
-    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)                                            # somewhere inside epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "final.json").exists(), "the run finished before it could be killed"
-    proc = start(killed, "--out", killed, "--resume")
+    reference = start(*exp2_tiny_args(whole, 4), *flags)
+    sigkill_in_epoch_2(start(*exp2_tiny_args(killed, 4), *flags), killed, delay=0.3)
+    proc = start("--out", killed, "--resume")
     lines = [proc.stdout.readline()]
     while not lines[-1].startswith("epoch ") and lines[-1]:    # the first epoch after resuming is done
         lines.append(proc.stdout.readline())
@@ -679,24 +684,12 @@ def test_exp2_resume_after_kill_and_ctrl_c_equals_uninterrupted_run():
     assert not (killed / "final.json").exists(), "the run finished before Ctrl-C"
     p = run("exp2_gan.py", "--out", killed, "--resume", env={**no_data_env(), "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0 and "resume:" in p.stdout, p.stdout + p.stderr
-    assert reference.wait() == 0, reference.stdout.read()
-    a, b = (json.loads((d / "final.json").read_text()) for d in (whole, killed))
-    for key in a:
-        if key != "seconds":
-            assert a[key] == b[key], (key, a[key], b[key])
-    rows = lambda d: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
-                      for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert rows(whole) == rows(killed) and len(rows(whole)) == 4
-    ca, cb = (torch.load(d / "last.pt", weights_only=True) for d in (whole, killed))
-    for net in ("generator", "discriminator"):
-        assert all(torch.equal(ca[net][k], cb[net][k]) for k in ca[net]), net
-    with contextlib.redirect_stderr(io.StringIO()) as err:
-        try:
-            exp2_gan.parse_args(["--out", str(killed), "--resume", "--d-c", "8"])
-        except SystemExit as e:
-            assert e.code == 2 and "cannot change d_c" in err.getvalue(), err.getvalue()
-        else:
-            raise AssertionError("--resume accepted a new --d-c")
+    output = reference.communicate()[0]
+    assert reference.returncode == 0, output
+    assert_same_run(whole, killed, ["generator", "discriminator"])
+    assert len((whole / "metrics.jsonl").read_text().splitlines()) == 4
+    code, err = exp2_main("--out", killed, "--resume", "--d-c", 8)
+    assert code == 2 and "cannot change d_c" in err, err
 
 
 # ------------------------------------------------------------------------------------------------------- runner
