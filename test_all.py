@@ -6,6 +6,7 @@ from $VISCHEMA_DIR and are skipped without it; everything else writes its own sm
 """
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from PIL import Image
 
 import common
 import exp1_unet
+import exp2_gan
 
 HERE = Path(__file__).resolve().parent
 TMP = Path(tempfile.mkdtemp(prefix="vms-tests-"))
@@ -412,6 +414,32 @@ def test_real_data_loader():
 
 
 # ------------------------------------------------------------------------------------------------------- exp1 runs
+def sigkill_in_epoch_2(proc, out, delay):
+    """SIGKILL a training run `delay` seconds after its first last.pt appeared in `out` (so inside epoch 2)."""
+    deadline = time.time() + 900
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final.json").exists(), "the run finished before it could be killed"
+
+
+def assert_same_run(whole, resumed, weights):
+    """Two run folders hold the same run: final.json and every metrics.jsonl row equal but for the seconds, and the
+    last.pt state dicts named in `weights` equal tensor by tensor."""
+    a, b = (json.loads((d / "final.json").read_text()) for d in (whole, resumed))
+    for key in a:
+        if key != "seconds":
+            assert a[key] == b[key], (key, a[key], b[key])
+    rows = lambda d: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
+                      for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(whole) == rows(resumed)
+    ca, cb = (torch.load(d / "last.pt", weights_only=True) for d in (whole, resumed))
+    for name in weights:
+        assert all(torch.equal(ca[name][k], cb[name][k]) for k in ca[name]), name
+
+
 def test_exp1_import_does_not_train():
     p = subprocess.run([sys.executable, "-c", "import exp1_unet"], cwd=HERE, capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout == "", p.stdout + p.stderr
@@ -456,24 +484,10 @@ def test_exp1_resume_after_kill_equals_uninterrupted_run():
     proc = subprocess.Popen([sys.executable, str(HERE / "exp1_unet.py"), *map(str, tiny_run_args(killed, 4)),
                              "--target", "sum", "--dropout", "0.1"], cwd=TMP, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 900
-    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.7)                                            # somewhere inside epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "final.json").exists(), "the run finished before it could be killed"
+    sigkill_in_epoch_2(proc, killed, delay=0.7)
     p = run("exp1_unet.py", "--out", killed, "--resume", env=no_data_env())
     assert p.returncode == 0 and "resume:" in p.stdout, p.stdout + p.stderr
-    a, b = (json.loads((d / "final.json").read_text()) for d in (whole, killed))
-    for key in a:
-        if key != "seconds":
-            assert a[key] == b[key], (key, a[key], b[key])
-    rows = lambda d: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
-                      for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert rows(whole) == rows(killed)
-    wa, wb = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (whole, killed))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_run(whole, killed, ["model"])
 
 
 def test_exp1_resume_extends_a_finished_run():
@@ -517,6 +531,254 @@ def test_save_grid_layout():
     grid = common.save_grid(TMP / "grid.png", [x, x, x])
     assert grid.size == (3 * (128 + 2) + 2, 3 * (128 + 2) + 2)
     assert Image.open(TMP / "grid.png").size == grid.size
+
+
+# ------------------------------------------------------------------------------------------------------- exp2 (GAN)
+def exp2_tiny_args(out, epochs=3):
+    """A GAN small enough to train an epoch of the synthetic set in about a second."""
+    return ["--size", 16, "--c", 4, "--depth", 3, "--d-c", 4, "--d-depth", 3, "--batch-size", 32, "--epochs", epochs,
+            "--out", out, "--sample-every", 2]
+
+
+def exp2_main(*argv):
+    """exp2_gan.main in this process, for commands that must stop before training: (exit status, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            exp2_gan.main([str(a) for a in argv])
+        except SystemExit as e:
+            return e.code, err.getvalue()
+    raise AssertionError(f"{argv}: did not stop")
+
+
+def test_exp2_import_does_not_train_and_help_explains_every_flag():
+    p = subprocess.run([sys.executable, "-c", "import exp2_gan"], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == "", p.stdout + p.stderr
+    p = run("exp2_gan.py", "--help")
+    text = " ".join(p.stdout.split())
+    assert p.returncode == 0 and "100: pix2pix" in text and "1: the methodology's equation as written" in text, text
+    for flag in ["--data", "--size", "--target", "--diffaug", "--diffaug-p", "--c", "--depth", "--g-norm", "--dropout",
+                 "--no-skip", "--disc", "--d-c", "--d-depth", "--d-norm", "--gan-loss", "--l1-weight", "--g-opt",
+                 "--d-opt", "--g-lr", "--d-lr", "--g-betas", "--d-betas", "--momentum", "--batch-size", "--epochs",
+                 "--seed", "--device", "--amp", "--out", "--resume", "--sample-every"]:
+        assert flag in p.stdout, flag
+    for action in exp2_gan.build_parser()._actions:
+        assert action.help, action.dest
+
+
+def test_exp2_discriminator_shapes():
+    for size in (64, 128):
+        x = torch.randn(2, 6, size, size)
+        for norm in exp2_gan.NORMS:
+            d = exp2_gan.Discriminator(c=4, depth=5, norm=norm, kind="patch", size=size)
+            assert d(x).shape == (2, 1, size // 16, size // 16), (size, norm)    # 4x4 at 64 px, 8x8 at 128 px
+        assert exp2_gan.Discriminator(c=4, kind="global", size=size)(x).shape == (2, 1, 1, 1)
+    d = exp2_gan.Discriminator(c=4, depth=3, norm="batch", size=32)
+    convs = [m for m in d if isinstance(m, torch.nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [4, 8, 16, 1] and d(torch.randn(2, 6, 32, 32)).shape == (2, 1, 8, 8)
+    assert isinstance(d[1], torch.nn.Identity) and isinstance(d[4], torch.nn.BatchNorm2d)  # no norm on the first
+    # PatchGAN scores are local: a change in the top-left corner leaves the bottom-right patch's score alone,
+    # while the global discriminator's single score sees it
+    torch.manual_seed(0)
+    patch, whole = (exp2_gan.Discriminator(c=4, norm="none", kind=k, size=128).eval() for k in ("patch", "global"))
+    x = torch.randn(1, 6, 128, 128)
+    y = x.clone()
+    y[:, :, :8, :8] += 1
+    a, b = patch(x), patch(y)
+    assert a[0, 0, -1, -1] == b[0, 0, -1, -1] and a[0, 0, 0, 0] != b[0, 0, 0, 0]
+    assert whole(x) != whole(y)
+
+
+def test_exp2_gan_losses_by_hand():
+    s = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
+    loss = exp2_gan.gan_loss
+    # lsgan: mean squared distance to 1 (real) or 0 (fake)
+    assert math.isclose(loss("lsgan", s, True).item(), (0.25 + 4 + 1 + 1) / 4)
+    assert math.isclose(loss("lsgan", s, False).item(), (0.25 + 1 + 4 + 0) / 4)
+    # vanilla: binary cross-entropy of sigmoid(s): -log sigmoid(s) = log(1 + e^-s) for real, log(1 + e^s) for fake
+    values = [0.5, -1.0, 2.0, 0.0]
+    assert math.isclose(loss("vanilla", s, True).item(), sum(math.log1p(math.exp(-v)) for v in values) / 4,
+                        rel_tol=1e-6)
+    assert math.isclose(loss("vanilla", s, False).item(), sum(math.log1p(math.exp(v)) for v in values) / 4,
+                        rel_tol=1e-6)
+    # wgan-gp: the critic lowers fake - real; the mean score is 1.5 / 4
+    assert math.isclose(loss("wgan-gp", s, True).item(), -0.375)
+    assert math.isclose(loss("wgan-gp", s, False).item(), 0.375)
+
+
+def test_exp2_gradient_penalty_by_hand():
+    gp = exp2_gan.gradient_penalty
+    real, fake = torch.randn(3, 6, 2, 2), torch.randn(3, 6, 2, 2)
+    # a linear critic has the same gradient w everywhere: penalty (|w| - 1)^2, here |w| = sqrt(24 / 16)
+    w = torch.full((6, 2, 2), 0.25)
+    assert math.isclose(gp(lambda z: (z * w).sum((1, 2, 3)), real, fake).item(), (math.sqrt(1.5) - 1) ** 2,
+                        rel_tol=1e-5)
+    # patch scores: the gradient of the sum of a sample's scores, 2 on 4 pixels of channel 0: norm 4, penalty 9
+    assert math.isclose(gp(lambda z: 2 * z[:, :1], real, fake).item(), 9.0, rel_tol=1e-6)
+    # critic |z|^2 / 2 has gradient z, so the penalty is the mean of (|z_i| - 1)^2 at z_i = eps_i real_i + ...;
+    # real = 3 e_1 and fake = 0 give |z_i| = 3 eps_i, with eps_i the first random draws after the seed
+    real, fake = torch.zeros(2, 6, 2, 2), torch.zeros(2, 6, 2, 2)
+    real[:, 0, 0, 0] = 3.0
+    torch.manual_seed(5)
+    eps = torch.rand(2)
+    torch.manual_seed(5)
+    got = gp(lambda z: z.pow(2).sum((1, 2, 3)) / 2, real, fake).item()
+    assert math.isclose(got, ((3 * eps - 1) ** 2).mean().item(), rel_tol=1e-5), (got, eps)
+
+
+class MapOfPhoto(torch.nn.Module):
+    """A stand-in generator whose map is a pixelwise function of its photo (channels flipped, halved)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x.flip(1) * 0.5 + 0 * self.w
+
+
+def assert_aligned(x6):
+    """Every map channel is still the photo's function after augmentation; cut or uncovered pixels are -1 in all 6."""
+    photo, vms = x6[:, :3], x6[:, 3:]
+    assert torch.equal(vms, photo.flip(1) * 0.5 + (photo.flip(1) == -1) * -0.5)
+
+
+def test_exp2_diffaug_keeps_discriminator_pairs_aligned():
+    torch.manual_seed(0)
+    image = torch.rand(64, 3, 16, 16) * 2 - 1
+    for policy in (["translation"], ["cutout"], ["translation", "cutout"]):
+        x6 = exp2_gan.diff_augment(image, image.flip(1) * 0.5, policy, p=1.0)
+        assert x6.shape == (64, 6, 16, 16) and not torch.equal(x6[:, :3], image), policy
+        assert_aligned(x6)
+    assert torch.equal(exp2_gan.diff_augment(image, image, ["translation", "cutout"], p=0.0), torch.cat([image] * 2, 1))
+    # in a training step, every pair the discriminator sees -- real (x, y) and fake (x, G(x)), in both steps -- is
+    # aligned, and augmented
+    data = common.VMSData(image, image.flip(1) * 0.5, image[:4], image[:4], [], [], {}, "test")
+    seen = []
+    D = exp2_gan.Discriminator(c=4, depth=3, size=16)
+    D.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    G = MapOfPhoto()
+    args = exp2_gan.build_parser().parse_args(["--batch-size", "32"])
+    opts = [exp2_gan.make_optimizer(m.parameters(), "adam", None, (0.9, 0.999), 0.9, "cpu") for m in (G, D)]
+    exp2_gan.train_epoch(G, D, *opts, data, args, ["translation", "cutout"], torch.device("cpu"))
+    assert len(seen) == 2 * 3                                   # 2 steps: G step (fake), D step (real, fake)
+    for x6 in seen:
+        assert_aligned(x6)
+        assert (x6 == -1).all(1).any()
+
+
+def test_exp2_every_variant_steps():
+    """patch/global x the three losses x 64/128 px, with every optimiser for G and for D, every norm, both targets
+    and DiffAugment on and off spread over them: one epoch of two steps each, on four images."""
+    opts, norms = list(exp2_gan.DEFAULT_LR), list(exp2_gan.NORMS)
+    datas = {size: common.synthetic_vischema(size, n_train=4, n_val=2) for size in (64, 128)}
+    used = set()
+    variants = itertools.product((64, 128), ("patch", "global"), ("lsgan", "vanilla", "wgan-gp"))
+    for i, (size, disc, loss) in enumerate(variants):
+        d_norm = norms[i % 5] if loss != "wgan-gp" else ["instance", "layer", "group", "none"][i % 4]
+        flags = ["--size", size, "--c", 4, "--d-c", 4, "--batch-size", 2, "--disc", disc, "--gan-loss", loss,
+                 "--g-opt", opts[i % 4], "--d-opt", opts[(i + 2) % 4], "--g-norm", norms[(i + 1) % 5],
+                 "--d-norm", d_norm, "--target", ["label", "sum"][i % 2], "--diffaug",
+                 ["translation,cutout", "none"][i // 2 % 2]]
+        args = exp2_gan.build_parser().parse_args([str(f) for f in flags])
+        used |= {("g", args.g_opt), ("d", args.d_opt), ("target", args.target), ("aug", args.diffaug)}
+        torch.manual_seed(i)
+        G = exp2_gan.UNet(args.c, args.depth, args.g_norm)
+        D = exp2_gan.Discriminator(args.d_c, args.d_depth, args.d_norm, args.disc, args.size)
+        opt_g = exp2_gan.make_optimizer(G.parameters(), args.g_opt, args.g_lr, args.g_betas, args.momentum, "cpu")
+        opt_d = exp2_gan.make_optimizer(D.parameters(), args.d_opt, args.d_lr, args.d_betas, args.momentum, "cpu")
+        before = [p.detach().clone() for p in [*G.parameters(), *D.parameters()]]
+        policy = [] if args.diffaug == "none" else args.diffaug.split(",")
+        losses = exp2_gan.train_epoch(G, D, opt_g, opt_d, datas[size], args, policy, torch.device("cpu"))
+        assert all(math.isfinite(v) for v in losses.values()) and 0 <= losses["train_l1"] <= 1, (flags, losses)
+        after = [*G.parameters(), *D.parameters()]
+        n_g = len(list(G.parameters()))
+        assert any(not torch.equal(a, b) for a, b in zip(before[:n_g], after[:n_g])), ("G did not move", flags)
+        assert any(not torch.equal(a, b) for a, b in zip(before[n_g:], after[n_g:])), ("D did not move", flags)
+        assert exp2_gan.evaluate(G, datas[size].val_x, datas[size].val_y, args)["l1"] < 1
+    assert len(used) == 4 + 4 + 2 + 2, used
+
+
+def test_exp2_bad_input_cli_has_no_traceback():
+    root, message = bad_input_cases()[0]
+    p = run("exp2_gan.py", "--data", root, "--epochs", 1)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr + p.stdout, p.stderr
+    p = run("exp2_gan.py", "--gan-loss", "wgan-gp", "--epochs", 1, env=no_data_env())
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "--gan-loss wgan-gp" in p.stderr and "--d-norm" in p.stderr and "batch" in p.stderr, p.stderr
+    for argv, wanted in [(["--data", root], message), (["--size", 50], "multiple of 16"),
+                         (["--size", 16, "--depth", 3], "at least 32 for --d-depth 5"),
+                         (["--diffaug", "rotate"], "policies are translation, cutout"),
+                         (["--d-c", 0], "must be at least 1")]:
+        code, err = exp2_main(*argv, "--epochs", 1, "--out", TMP / "exp2_never")
+        assert code == 2 and wanted in err and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+    code, err = exp2_main("--disc", "fancy")
+    assert code == 2 and "invalid choice" in err
+
+
+def test_exp2_synthetic_run_writes_every_file():
+    out = TMP / "exp2_synth"
+    p = run("exp2_gan.py", *exp2_tiny_args(out, epochs=3), env=no_data_env())
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith("SYNTHETIC DATA"), p.stdout[:200]
+    progress = [line for line in p.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(progress) == 3 and all(w in progress[0] for w in ("G adv", "G L1", "D real", "D fake", "val L1",
+                                                                  "val CC", "s/epoch", "ETA")), progress
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = ["epoch", "g_adv", "g_l1", "d_real", "d_fake", "train_l1", "val_l1", "val_cc", "seconds"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all(list(r) == keys for r in rows), rows
+    assert all(math.isfinite(r[k]) for r in rows for k in keys) and rows[-1]["g_l1"] < rows[0]["g_l1"], rows
+    final = json.loads((out / "final.json").read_text())
+    assert final["experiment"] == "exp2_gan" and final["status"] == "ok" and final["epoch"] == 3
+    for key in ["best_epoch", "val_l1", "val_l1_green", "val_l1_red", "val_cc", "val_cc20", "val_cc_green",
+                "val_cc_red", "train_l1", "seconds", "params"]:
+        assert isinstance(final[key], (int, float)), key
+    assert final["command"].startswith("python exp2_gan.py --size 16") and set(final["baselines"]) == {
+        "black", "mean", "median"}
+    for name in ("args.json", "last.pt", "best.pt", "samples/epoch0002.png", "samples/epoch0003.png"):
+        assert (out / name).exists(), name
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert {"generator", "discriminator", "opt_g", "opt_d", "epoch", "best", "rng", "args", "seconds"} <= set(last)
+    predict, args = exp2_gan.load_predictor(out)
+    maps = predict(torch.zeros(2, 3, 16, 16))
+    assert maps.shape == (2, 3, 16, 16) and maps.abs().max() <= 1 and args.c == 4
+
+
+def test_exp2_divergence_is_reported():
+    out = TMP / "exp2_diverge"
+    p = run("exp2_gan.py", *exp2_tiny_args(out, epochs=2), "--d-opt", "sgd", "--d-lr", "1e30", "--d-norm", "none",
+            env=no_data_env())
+    final = json.loads((out / "final.json").read_text())
+    assert p.returncode == 3 and final["status"] == "diverged", (p.returncode, final)
+
+
+def test_exp2_resume_after_kill_and_ctrl_c_equals_uninterrupted_run():
+    """SIGKILL in epoch 2, resume, Ctrl-C (SIGINT) in a later epoch, resume again: the numbers and weights are
+    those of the uninterrupted run. The uninterrupted run trains beside the interrupted one."""
+    whole, killed = TMP / "exp2_whole", TMP / "exp2_killed"
+    flags = ["--target", "sum", "--dropout", "0.1", "--gan-loss", "wgan-gp", "--d-norm", "layer", "--disc", "global"]
+    env = {**os.environ, **no_data_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    start = lambda *argv: subprocess.Popen(  # noqa: E731
+        [sys.executable, str(HERE / "exp2_gan.py"), *map(str, argv)], cwd=TMP, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    reference = start(*exp2_tiny_args(whole, 4), *flags)
+    sigkill_in_epoch_2(start(*exp2_tiny_args(killed, 4), *flags), killed, delay=0.3)
+    proc = start("--out", killed, "--resume")
+    lines = [proc.stdout.readline()]
+    while not lines[-1].startswith("epoch ") and lines[-1]:    # the first epoch after resuming is done
+        lines.append(proc.stdout.readline())
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate()[0]
+    assert proc.returncode == 130 and "--resume" in rest and "Traceback" not in rest, "".join(lines) + rest
+    assert not (killed / "final.json").exists(), "the run finished before Ctrl-C"
+    p = run("exp2_gan.py", "--out", killed, "--resume", env={**no_data_env(), "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and "resume:" in p.stdout, p.stdout + p.stderr
+    output = reference.communicate()[0]
+    assert reference.returncode == 0, output
+    assert_same_run(whole, killed, ["generator", "discriminator"])
+    assert len((whole / "metrics.jsonl").read_text().splitlines()) == 4
+    code, err = exp2_main("--out", killed, "--resume", "--d-c", 8)
+    assert code == 2 and "cannot change d_c" in err, err
 
 
 # ------------------------------------------------------------------------------------------------------- sweep.py
