@@ -760,7 +760,8 @@ def test_exp2_resume_after_kill_and_ctrl_c_equals_uninterrupted_run():
     env = {**os.environ, **no_data_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     start = lambda *argv: subprocess.Popen(  # noqa: E731
         [sys.executable, str(HERE / "exp2_gan.py"), *map(str, argv)], cwd=TMP, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background CI job may ignore SIGINT
     reference = start(*exp2_tiny_args(whole, 4), *flags)
     sigkill_in_epoch_2(start(*exp2_tiny_args(killed, 4), *flags), killed, delay=0.3)
     proc = start("--out", killed, "--resume")
