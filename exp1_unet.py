@@ -1,7 +1,7 @@
 """Experiment 1: a UNet that turns a photo into its VMS map, trained with an L1 loss (the thesis' Algorithm 1).
 
     python exp1_unet.py                                  # the thesis' defaults (c 64, depth 5, Adam 0.001, 100 epochs)
-    python exp1_unet.py --c 16 --epochs 30 --out runs/u  # a small configuration that trains on a CPU
+    python exp1_unet.py --c 16 --epochs 40 --out runs/u  # a small configuration that trains on a CPU
     python exp1_unet.py --out runs/u --epochs 60 --resume  # continue (and extend) that run exactly
 
 The file reads top to bottom: settings, the model, DiffAugment, the training loop (Algorithm 1), then plumbing
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import common
 
 DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "adadelta": 1.0, "adagrad": 1e-2}
-RESUMABLE = {"epochs", "device", "resume", "out"}  # the settings --resume may change
+RESUMABLE = {"epochs", "device", "resume", "out", "compile"}  # the settings --resume may change
+CHANNELS_LAST = None  # channels_last memory format: None = on CUDA only; bench.py sets True/False to measure it
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -59,6 +60,8 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="seeds every random number generator")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (for CUDA; on most CPUs it is slower)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps on CUDA after a "
+                   "minute of compiling; the same weights and checkpoints")
     g.add_argument("--out", default=None, help="run folder (default: runs/exp1-<date>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt with its "
                    "saved settings; only --epochs (to extend it) and --device may change")
@@ -220,20 +223,20 @@ def evaluate(model, images, maps, args):
 
 
 # ---------------------------------------------------------------------------------------------------- plumbing
+def channels_last(device):
+    return device.type == "cuda" if CHANNELS_LAST is None else CHANNELS_LAST
+
+
 def to_memory_format(x, device):
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last(device) else x
 
 
 def make_optimizer(params, args):
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.opt]
-    fused = {"fused": True} if args.device == "cuda" and args.opt in ("adam", "sgd") else {}
-    if args.opt == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(args.betas), **fused)
+    if args.opt == "adam":  # fused: one kernel for the whole update on CUDA
+        return torch.optim.Adam(params, lr=lr, betas=tuple(args.betas), fused=args.device == "cuda" or None)
     if args.opt == "sgd":
-        try:
-            return torch.optim.SGD(params, lr=lr, momentum=args.momentum, **fused)
-        except (TypeError, RuntimeError):  # fused SGD arrived in torch 2.3
-            return torch.optim.SGD(params, lr=lr, momentum=args.momentum)
+        return torch.optim.SGD(params, lr=lr, momentum=args.momentum)
     return {"adadelta": torch.optim.Adadelta, "adagrad": torch.optim.Adagrad}[args.opt](params, lr=lr)
 
 
@@ -262,7 +265,7 @@ def command_line(args):
         if not action.option_strings or action.dest in ("help", "resume", "out") or value == action.default:
             continue
         flag = action.option_strings[0]
-        words += [flag] if value is True else [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+        words += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
     return " ".join(words)
 
 
@@ -285,7 +288,8 @@ def parse_args(argv=None):
     saved = json.loads(saved.read_text())
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
     if changed:
-        parser.error(f"--resume keeps the run's settings; cannot change {', '.join(changed)} (only --epochs, --device)")
+        parser.error(f"--resume keeps a run's settings but --epochs, --device and --compile; cannot change "
+                     f"{', '.join(changed)}")
     return argparse.Namespace(**{**saved, **given, "resume": True})
 
 
@@ -316,8 +320,9 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
 
     model = UNet(args.c, args.depth, args.norm, args.dropout, skip=not args.no_skip).to(device)
-    if device.type == "cuda":
+    if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if args.compile else model  # trains and predicts; `model` holds the weights we save
     opt = make_optimizer(model.parameters(), args)
     start, best, seconds = 0, {"val_l1": math.inf, "epoch": 0}, 0.0
     out.mkdir(parents=True, exist_ok=True)
@@ -345,12 +350,12 @@ def main(argv=None):
     try:
         for epoch in range(start + 1, args.epochs + 1):
             t0 = time.perf_counter()
-            train_loss, train_l1 = train_epoch(model, opt, data, args, policy, device)
+            train_loss, train_l1 = train_epoch(net, opt, data, args, policy, device)
             if not math.isfinite(train_loss):
                 status = "diverged"
                 print(f"epoch {epoch}: the loss became {train_loss}; the run diverged")
                 break
-            val = evaluate(model, data.val_x, data.val_y, args)
+            val = evaluate(net, data.val_x, data.val_y, args)
             dt = time.perf_counter() - t0
             seconds += dt
             row = {"epoch": epoch, "train_loss": train_loss, "train_l1": train_l1, "val_l1": val["l1"],
@@ -362,7 +367,7 @@ def main(argv=None):
                 save_atomic({"model": model.state_dict(), "args": vars(args), "epoch": epoch, "metrics": best,
                              "experiment": "exp1_unet"}, out / "best.pt")
             if epoch % args.sample_every == 0 or epoch == args.epochs:
-                pred = predict(model, data.val_x[:8], args.target, args.amp)
+                pred = predict(net, data.val_x[:8], args.target, args.amp)
                 common.save_grid(out / "samples" / f"epoch{epoch:04d}.png", [data.val_x[:8], data.val_y[:8], pred])
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
                          "rng": rng_state(), "args": vars(args), "seconds": seconds}, out / "last.pt")
@@ -381,7 +386,7 @@ def main(argv=None):
     if best["epoch"] > 0:
         model.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=True)["model"])
         final.update({k: v for k, v in best.items() if k.startswith("val_")})
-        final["train_l1"] = evaluate(model, data.train_x, data.train_y, args)["l1"]
+        final["train_l1"] = evaluate(net, data.train_x, data.train_y, args)["l1"]
     final["baselines"] = base
     (out / "final.json").write_text(json.dumps(final, indent=1))
     if status != "ok":

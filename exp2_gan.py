@@ -5,8 +5,8 @@
     python exp2_gan.py --out runs/g --epochs 30 --resume         # continue (and extend) that run exactly
 
 The generator is exp1's UNet; a discriminator learns to tell true (photo, map) pairs from generated ones, and the
-generator to fool it while staying close to the true map under L1. Reads top to bottom: settings, the networks,
-the losses, DiffAugment, the training loop (Algorithm 2), plumbing. It imports only common.py from this project.
+generator to fool it while staying close to the true map under L1. Reads top to bottom: settings, networks, losses,
+DiffAugment, the training loop (Algorithm 2), plumbing. It imports only common.py from this project.
 """
 import argparse
 import json
@@ -24,7 +24,8 @@ import common
 
 DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "adadelta": 1.0, "adagrad": 1e-2}
 GP_WEIGHT = 10.0  # the gradient penalty's weight in WGAN-GP (Gulrajani et al. 2017)
-RESUMABLE = {"epochs", "device", "resume", "out"}  # the settings --resume may change
+RESUMABLE = {"epochs", "device", "resume", "out", "compile"}  # the settings --resume may change
+CHANNELS_LAST = None  # channels_last memory format: None = on CUDA only; bench.py sets True/False to measure it
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -72,6 +73,8 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="seeds every random number generator")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (for CUDA; on most CPUs it is slower)")
+    g.add_argument("--compile", action="store_true", help="torch.compile G, and D unless wgan-gp (no double backward "
+                   "there): faster steps on CUDA after a minute of compiling; the same weights and checkpoints")
     g.add_argument("--out", default=None, help="run folder (default: runs/exp2-<date>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt with its "
                    "saved settings; only --epochs (to extend it) and --device may change")
@@ -221,8 +224,7 @@ def from_target(out, image, target):
 def train_epoch(G, D, opt_g, opt_d, data, args, policy, device):
     """Algorithm 2, one pass over the shuffled training split. Returns the epoch's means: generator adversarial
     and L1 loss, discriminator loss on real and on fake pairs, and the L1 of the recovered map (both on [0, 1])."""
-    G.train()
-    D.train()
+    G.train(), D.train()
     n, bs = len(data.train_x), min(args.batch_size, len(data.train_x))
     order = torch.randperm(n).to(device)
     sums, steps = torch.zeros(5, device=device), n // bs
@@ -275,25 +277,21 @@ def load_predictor(run_dir, device="cpu"):
     return (lambda images: predict(G, images.to(device), args.target, args.amp)), args
 
 
-def evaluate(G, images, maps, args):
-    return common.map_metrics(common.to_unit(predict(G, images, args.target, args.amp)), common.to_unit(maps))
-
-
 # ---------------------------------------------------------------------------------------------------- plumbing
+def channels_last(device):
+    return device.type == "cuda" if CHANNELS_LAST is None else CHANNELS_LAST
+
+
 def to_memory_format(x, device):
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last(device) else x
 
 
 def make_optimizer(params, name, lr, betas, momentum, device):
     lr = lr if lr is not None else DEFAULT_LR[name]
-    fused = {"fused": True} if device == "cuda" and name in ("adam", "sgd") else {}
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), **fused)
+    if name == "adam":  # fused: one kernel for the whole update on CUDA
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=device == "cuda" or None)
     if name == "sgd":
-        try:
-            return torch.optim.SGD(params, lr=lr, momentum=momentum, **fused)
-        except (TypeError, RuntimeError):  # fused SGD arrived in torch 2.3
-            return torch.optim.SGD(params, lr=lr, momentum=momentum)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
     return {"adadelta": torch.optim.Adadelta, "adagrad": torch.optim.Adagrad}[name](params, lr=lr)
 
 
@@ -312,7 +310,7 @@ def command_line(args):
         if not action.option_strings or action.dest in ("help", "resume", "out") or value == action.default:
             continue
         flag = action.option_strings[0]
-        words += [flag] if value is True else [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+        words += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
     return " ".join(words)
 
 
@@ -335,7 +333,8 @@ def parse_args(argv=None):
     saved = json.loads(saved.read_text())
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
     if changed:
-        parser.error(f"--resume keeps the run's settings; cannot change {', '.join(changed)} (only --epochs, --device)")
+        parser.error(f"--resume keeps a run's settings but --epochs, --device and --compile; cannot change "
+                     f"{', '.join(changed)}")
     return argparse.Namespace(**{**saved, **given, "resume": True})
 
 
@@ -351,9 +350,8 @@ def main(argv=None):
               (args.gan_loss != "wgan-gp" or args.d_norm != "batch", "--gan-loss wgan-gp needs another --d-norm than "
                "batch (layer, instance, group or none): batch norm breaks the per-sample gradient penalty"),
               (args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")]
-    for ok, message in checks:
-        if not ok:
-            common.fail(message)
+    for message in [message for ok, message in checks if not ok][:1]:
+        common.fail(message)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     args.device = device.type
@@ -367,12 +365,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = device.type == "cuda"
 
-    fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    fmt = torch.channels_last if channels_last(device) else torch.preserve_format
     G = UNet(args.c, args.depth, args.g_norm, args.dropout, skip=not args.no_skip).to(device, memory_format=fmt)
     D = Discriminator(args.d_c, args.d_depth, args.d_norm, args.disc, args.size).to(device, memory_format=fmt)
     opt_g = make_optimizer(G.parameters(), args.g_opt, args.g_lr, args.g_betas, args.momentum, args.device)
     opt_d = make_optimizer(D.parameters(), args.d_opt, args.d_lr, args.d_betas, args.momentum, args.device)
     states = {"generator": G, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}  # saved in last.pt, by name
+    g_net, d_net = (torch.compile(G), D if args.gan_loss == "wgan-gp" else torch.compile(D)) if args.compile else (G, D)
     start, best, seconds = 0, {"val_l1": math.inf, "epoch": 0}, 0.0
     out.mkdir(parents=True, exist_ok=True)
     if args.resume and (out / "last.pt").exists():
@@ -391,7 +390,8 @@ def main(argv=None):
         (out / "metrics.jsonl").write_text("")
     (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     n_params, d_params = (sum(p.numel() for p in net.parameters()) for net in (G, D))
-    base = common.baseline_metrics(common.to_unit(data.train_y), common.to_unit(data.val_y))
+    unit = common.to_unit  # model range [-1, 1] -> metrics' [0, 1]
+    base = common.baseline_metrics(unit(data.train_y), unit(data.val_y))
     print(f"exp2: UNet c={args.c} ({n_params / 1e6:.2f} M, {args.g_opt}) vs {args.disc} discriminator c={args.d_c} "
           f"({d_params / 1e6:.2f} M, {args.d_opt}); {args.gan_loss} + {args.l1_weight:g} x L1; {device}; folder {out}")
     print("baselines (val): " + " | ".join(f"{k} L1 {m['l1']:.4f} CC {m['cc']:.3f}" for k, m in base.items()))
@@ -400,12 +400,12 @@ def main(argv=None):
     try:
         for epoch in range(start + 1, args.epochs + 1):
             t0 = time.perf_counter()
-            losses = train_epoch(G, D, opt_g, opt_d, data, args, policy, device)
+            losses = train_epoch(g_net, d_net, opt_g, opt_d, data, args, policy, device)
             if not all(map(math.isfinite, losses.values())):
                 status = "diverged"
                 print(f"epoch {epoch}: a loss became non-finite ({losses}); the run diverged")
                 break
-            val = evaluate(G, data.val_x, data.val_y, args)
+            val = common.map_metrics(unit(predict(g_net, data.val_x, args.target, args.amp)), unit(data.val_y))
             dt = time.perf_counter() - t0
             seconds += dt
             with open(out / "metrics.jsonl", "a") as f:
@@ -413,10 +413,10 @@ def main(argv=None):
                                     "seconds": dt}) + "\n")
             if val["l1"] < best["val_l1"]:
                 best = {"val_l1": val["l1"], "epoch": epoch, **{"val_" + k: v for k, v in val.items()}}
-                save_atomic({"generator": G.state_dict(), "args": vars(args), "epoch": epoch, "metrics": best},
-                            out / "best.pt")
+                save_atomic({"generator": G.state_dict(), "args": vars(args), "epoch": epoch, "metrics": best,
+                             "experiment": "exp2_gan"}, out / "best.pt")
             if epoch % args.sample_every == 0 or epoch == args.epochs:
-                pred = predict(G, data.val_x[:8], args.target, args.amp)
+                pred = predict(g_net, data.val_x[:8], args.target, args.amp)
                 common.save_grid(out / "samples" / f"epoch{epoch:04d}.png", [data.val_x[:8], data.val_y[:8], pred])
             rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # [] without CUDA
             save_atomic({**{name: obj.state_dict() for name, obj in states.items()}, "epoch": epoch, "best": best,
@@ -436,7 +436,8 @@ def main(argv=None):
     if best["epoch"] > 0:
         G.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=True)["generator"])
         final.update({k: v for k, v in best.items() if k.startswith("val_")})
-        final["train_l1"] = evaluate(G, data.train_x, data.train_y, args)["l1"]
+        final["train_l1"] = common.l1_metrics(unit(predict(g_net, data.train_x, args.target, args.amp)),
+                                              unit(data.train_y))["l1"]
     final["baselines"] = base
     (out / "final.json").write_text(json.dumps(final, indent=1))
     if status != "ok":

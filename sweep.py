@@ -120,7 +120,7 @@ def print_plan(exp, space, coords, epochs):
     incumbent, total, conditional = dict(space["start"]), 0, 0
     for i, coord in enumerate(coords):
         new = sum(1 for o in coord["options"] if i == 0 or {**incumbent, **o} != incumbent)
-        when = " (only if " + ", ".join(f"{f} {v}" for f, v in coord["when"].items()) + " wins)" if "when" in coord else ""
+        when = "".join(f" (only if {f} {v} wins)" for f, v in coord.get("when", {}).items())
         reused = f" + {len(coord['options']) - new} reused" if new < len(coord["options"]) else ""
         print(f"  {i + 1}. {coord['name']}{when}: {' | '.join(label_of(o) for o in coord['options'])}  "
               f"-> {new} trials{reused}")
