@@ -27,6 +27,7 @@ from PIL import Image
 import common
 import exp1_unet
 import exp2_gan
+import exp3_diffusion as exp3
 
 HERE = Path(__file__).resolve().parent
 TMP = Path(tempfile.mkdtemp(prefix="vms-tests-"))
@@ -783,6 +784,227 @@ def test_exp2_resume_after_kill_and_ctrl_c_equals_uninterrupted_run():
     assert code == 2 and "cannot change d_c" in err, err
 
 
+# ------------------------------------------------------------------------------------------------------- exp3
+def exp3_args(*flags):
+    return exp3.build_parser().parse_args([str(f) for f in flags])
+
+
+def exp3_tiny_args(out, epochs=3):
+    """A diffusion run small enough to train and sample in seconds on the synthetic set."""
+    return ["--size", 16, "--c", 8, "--T", 20, "--sample-steps", 5, "--epochs", epochs, "--eval-every", 2, "--out", out]
+
+
+def test_exp3_schedules_by_hand():
+    assert torch.allclose(exp3.beta_schedule("linear", 5, 0.1, 0.5), torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]).double())
+    lin = exp3.beta_schedule("linear", 1000)
+    assert lin.dtype == torch.float64 and lin[0] == 1e-4 and math.isclose(lin[-1], 0.02)
+    assert math.isclose(lin[1] - lin[0], (0.02 - 1e-4) / 999)
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731  Nichol & Dhariwal, s = 0.008
+    cos = exp3.beta_schedule("cosine", 4)
+    want = [min(1 - f((i + 1) / 4) / f(i / 4), 0.999) for i in range(4)]
+    assert torch.allclose(cos, torch.tensor(want, dtype=torch.float64), rtol=1e-12) and cos[-1] == 0.999, (cos, want)
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    g = lambda u: (sig(3) - sig(6 * u - 3)) / (sig(3) - sig(-3))  # noqa: E731  Chen 2023: start -3, end 3, tau 1
+    sg = exp3.beta_schedule("sigmoid", 4)
+    want = [min(1 - g((i + 1) / 4) / g(i / 4), 0.999) for i in range(4)]
+    assert torch.allclose(sg, torch.tensor(want, dtype=torch.float64), rtol=1e-12) and sg[-1] == 0.999, (sg, want)
+    for name in ("linear", "cosine", "sigmoid"):
+        ab = torch.cumprod(1 - exp3.beta_schedule(name, 1000), 0)
+        assert (ab[1:] < ab[:-1]).all() and 0 < ab[-1] < 1e-3 and 0.999 < ab[0] < 1, name
+    ab = lambda name: torch.cumprod(1 - exp3.beta_schedule(name, 1000), 0)  # noqa: E731
+    assert math.isclose(ab("cosine")[499], f(0.5) / f(0), rel_tol=1e-9) and abs(ab("cosine")[499] - 0.4938) < 1e-4
+    assert math.isclose(ab("sigmoid")[499], 0.5, rel_tol=1e-9)               # g(1/2) = 1/2: the midpoint by symmetry
+    assert math.isclose(ab("linear")[0], 1 - 1e-4)
+
+
+def test_exp3_noising_has_the_right_mean_and_variance():
+    class Recorder(torch.nn.Module):                          # sees what the network would see
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t):
+            self.x, self.t = x, t
+            return torch.zeros_like(x[:, 3:]) + self.w
+    torch.manual_seed(0)
+    args = exp3_args("--T", 4, "--schedule", "linear", "--beta-start", 0.1, "--beta-end", 0.7, "--input-scale", 0.5)
+    diffusion, model, n = exp3.Diffusion(args), Recorder(), 40000
+    vms = (torch.rand(1, 3, 2, 2) * 2 - 1).expand(n, 3, 2, 2)
+    exp3.diffusion_loss(model, torch.zeros(n, 3, 2, 2), vms, diffusion, args)
+    x_t, t = model.x[:, 3:], model.t
+    for step in range(4):
+        ab, picked = diffusion.alpha_bar[step].item(), x_t[t == step]
+        assert abs(len(picked) / n - 0.25) < 0.02, (step, len(picked))  # t uniform over the T steps
+        assert torch.allclose(picked.mean(0), ab ** 0.5 * 0.5 * vms[0], atol=0.03), step
+        assert torch.allclose(picked.var(0), torch.full((3, 2, 2), 1 - ab), rtol=0.06), (step, picked.var(0), 1 - ab)
+    for objective in ("eps", "v", "x0"):                      # target and split are inverse to each other
+        d = exp3.Diffusion(exp3_args("--objective", objective))
+        x0, eps, ab = torch.rand(5, 3, 4, 4), torch.randn(5, 3, 4, 4), torch.rand(5, 1, 1, 1) * 0.98 + 0.01
+        x0_back, eps_back = d.split(d.target(x0, eps, ab), d.noise(x0, eps, ab), ab)
+        assert torch.allclose(x0_back, x0, atol=1e-4) and torch.allclose(eps_back, eps, atol=1e-4), objective
+
+
+class Oracle(torch.nn.Module):
+    """The perfect network for data that is always the map x0: it knows eps from x_t, and records the steps."""
+
+    def __init__(self, diffusion, x0):
+        super().__init__()
+        self.diffusion, self.x0, self.seen = diffusion, x0, []
+
+    def forward(self, x, t):
+        ab = self.diffusion.alpha_bar.to(x)[t].view(-1, 1, 1, 1)
+        self.seen.append(int(t[0]))
+        eps = (x[:, 3:] - ab ** 0.5 * self.x0) / (1 - ab) ** 0.5
+        return self.diffusion.target(self.x0, eps, ab)
+
+
+def test_exp3_ddim_with_all_steps_is_deterministic():
+    x0, images = torch.rand(2, 3, 8, 8) * 1.6 - 0.8, torch.zeros(2, 3, 8, 8)
+    for objective in ("eps", "v", "x0"):
+        d = exp3.Diffusion(exp3_args("--T", 50, "--objective", objective))
+        for seed in (0, 1):                                   # any starting noise ends at the data: no other noise
+            oracle = Oracle(d, x0)
+            out = exp3.sample(oracle, images, d, steps=50, generator=torch.Generator().manual_seed(seed))
+            assert torch.allclose(out, x0, atol=1e-4) and oracle.seen == list(range(49, -1, -1)), objective
+        oracle = Oracle(d, x0)                                 # ancestral sampling with a perfect network, too
+        assert torch.allclose(exp3.sample(oracle, images, d, steps=0, generator=torch.Generator()), x0, atol=1e-4)
+        assert oracle.seen == list(range(49, -1, -1))
+    d = exp3.Diffusion(exp3_args())
+    oracle = Oracle(d, x0)
+    exp3.sample(oracle, images, d, steps=50)
+    assert oracle.seen == list(range(999, 0, -20)), oracle.seen  # "trailing": 999, 979, ..., 19
+    torch.manual_seed(0)
+    model, d = exp3.UNet(c=4), exp3.Diffusion(exp3_args("--T", 30, "--objective", "eps"))
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a, b = (exp3.sample(model, images, d, steps=30, generator=g) for g in (g1, g2))
+    assert torch.equal(a, b) and a.abs().max() <= 1
+    reference = torch.Generator().manual_seed(5)
+    torch.randn(images.shape, generator=reference)          # DDIM draws x_T and nothing else
+    assert torch.equal(g1.get_state(), reference.get_state())
+
+
+def test_exp3_unet_shapes():
+    t = torch.tensor([0, 999])
+    for size, norm, attn in [(64, "group", False), (32, "group", True), (16, "batch", True), (24, "instance", False),
+                             (16, "layer", False), (32, "none", True)]:
+        model = exp3.UNet(c=4, norm=norm, attn=attn).eval()
+        assert model(torch.randn(2, 6, size, size), t).shape == (2, 3, size, size), (size, norm, attn)
+    with_attn, without = (sum(p.numel() for p in exp3.UNet(4, attn=a).parameters()) for a in (True, False))
+    assert with_attn > without
+    assert exp3.timestep_embedding(t, 16).shape == (2, 16)
+
+
+def test_exp3_every_variant_steps():
+    torch.manual_seed(0)
+    data = common.synthetic_vischema(16, n_train=8, n_val=4)
+    for extra in (["--objective", "eps"], ["--objective", "v", "--target", "sum"], ["--objective", "x0"],
+                  ["--schedule", "linear", "--norm", "batch"], ["--schedule", "sigmoid", "--attn"],
+                  ["--norm", "instance", "--diffaug", "none", "--input-scale", "0.5"], ["--norm", "layer"],
+                  ["--norm", "none", "--target", "sum"]):
+        args = exp3_args("--c", 4, "--batch-size", 4, "--T", 10, *extra)
+        model = exp3.UNet(args.c, args.norm, args.attn)
+        ema = exp3.copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        before = [p.detach().clone() for p in model.parameters()]
+        policy = [] if args.diffaug == "none" else args.diffaug.split(",")
+        loss, step = exp3.train_epoch(model, ema, opt, data, exp3.Diffusion(args), args, policy, 0)
+        assert math.isfinite(loss) and step == 2, extra
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), extra
+        assert any(not torch.equal(a, b) for a, b in zip(before, ema.parameters())), extra
+        assert math.isfinite(exp3.val_loss(model, data, exp3.Diffusion(args), args)), extra
+        maps = exp3.predict(ema, data.val_x, exp3.Diffusion(args), args, 3, 2)
+        assert maps.shape == data.val_y.shape and maps.abs().max() <= 1, extra
+
+
+def test_exp3_cli_bad_input_without_traceback():
+    p = subprocess.run([sys.executable, "-c", "import exp3_diffusion"], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == "", p.stdout + p.stderr
+    p = run("exp3_diffusion.py", "--help")
+    assert p.returncode == 0 and all(action.help for action in exp3.build_parser()._actions)
+    for action in exp3.build_parser()._actions:
+        assert action.option_strings[0] in p.stdout, action.dest
+    for root, message in bad_input_cases()[:1]:
+        p = run("exp3_diffusion.py", "--data", root, "--epochs", 1)
+        assert p.returncode == 2, (root, p.returncode, p.stderr)
+        assert message in p.stderr and "Traceback" not in p.stderr + p.stdout, p.stderr
+    for flags, message in [(["--size", 50], "multiple of 8"), (["--sample-steps", 2000], "--sample-steps"),
+                           (["--T", 0], "at least 1"), (["--diffaug", "flip"], "policies are"),
+                           (["--beta-start", 0.5, "--beta-end", 0.1], "--beta-start"),
+                           (["--objective", "z"], "invalid choice"), (["--data", bad_input_cases()[2][0]], "decodable")]:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                exp3.main([str(f) for f in flags] + ["--epochs", "1", "--out", str(TMP / "exp3_never")])
+            except SystemExit as e:
+                assert e.code == 2, (flags, e.code)
+        assert message in err.getvalue(), (flags, err.getvalue())
+        assert "invalid" in message or err.getvalue().count("\n") == 1, err.getvalue()   # one line "error: ..."
+
+
+def test_exp3_synthetic_run_writes_every_file():
+    out = TMP / "exp3_synth"
+    p = run("exp3_diffusion.py", *exp3_tiny_args(out), env=no_data_env())
+    assert p.returncode == 0 and p.stdout.startswith("SYNTHETIC DATA"), p.stdout + p.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[0]["val_l1"] is None and rows[0]["train_l1"] is None
+    for r in rows:
+        assert set(r) == {"epoch", "train_loss", "val_loss", "train_l1", "val_l1", "val_cc", "seconds"}, r
+    assert rows[2]["train_loss"] < rows[0]["train_loss"] and rows[2]["val_loss"] < rows[0]["val_loss"], rows
+    final = json.loads((out / "final.json").read_text())
+    assert final["experiment"] == "exp3_diffusion" and final["status"] == "ok" and final["epoch"] == 3
+    for key in ["best_epoch", "val_l1", "val_l1_green", "val_l1_red", "val_cc", "val_cc20", "val_cc_green",
+                "val_cc20_red", "train_l1", "seconds", "params", "sample_ms_per_map", "sample_steps", "samples"]:
+        assert isinstance(final[key], (int, float)), key
+    assert final["sampler"] == "DDIM-5" and final["command"].startswith("python exp3_diffusion.py --size 16")
+    assert final["val_cc"] > final["baselines"]["mean"]["cc"], final            # it learned where the maps are
+    for name in ("args.json", "last.pt", "best.pt", "samples/epoch0002.png", "samples/epoch0003.png"):
+        assert (out / name).exists(), name
+    predict, args = exp3.load_predictor(out)
+    photos = common.synthetic_vischema(16).val_x[:4]
+    maps = predict(photos)
+    assert maps.shape == (4, 3, 16, 16) and maps.abs().max() <= 1 and torch.equal(maps, predict(photos))
+    ancestral, _ = exp3.load_predictor(out, sample_steps=0, samples=2)
+    assert ancestral(photos).shape == maps.shape and args.sample_steps == 5
+    p = run("exp3_diffusion.py", "--out", out, "--resume", "--epochs", 4, env=no_data_env())
+    assert p.returncode == 0 and "epoch    4/4" in p.stdout, p.stdout + p.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    p = run("exp3_diffusion.py", "--out", out, "--resume", "--c", 16, env=no_data_env())
+    assert p.returncode == 2 and "cannot change c" in p.stderr, p.stderr
+    p = run("exp3_diffusion.py", *exp3_tiny_args(out), env=no_data_env())
+    assert p.returncode == 2 and "already holds a run" in p.stderr, p.stderr
+
+
+def test_exp3_resume_after_kill_equals_uninterrupted_run():
+    whole, killed = TMP / "exp3_whole", TMP / "exp3_killed"
+    extra = ["--objective", "eps", "--target", "sum", "--schedule", "sigmoid"]
+    p = run("exp3_diffusion.py", *exp3_tiny_args(whole, 4), *extra, env=no_data_env())
+    assert p.returncode == 0, p.stderr
+    env = {**os.environ, **no_data_env(), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "exp3_diffusion.py"), *map(str, exp3_tiny_args(killed, 4)),
+                             *extra], cwd=TMP, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sigkill_in_epoch_2(proc, killed, delay=0.7)
+    p = run("exp3_diffusion.py", "--out", killed, "--resume", env=no_data_env())
+    assert p.returncode == 0 and "resume:" in p.stdout, p.stdout + p.stderr
+    a, b = (json.loads((d / "final.json").read_text()) for d in (whole, killed))
+    for key in a:
+        if key not in ("seconds", "sample_ms_per_map"):
+            assert a[key] == b[key], (key, a[key], b[key])
+    rows = lambda d: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
+                      for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(whole) == rows(killed)
+    for part in ("model", "ema"):
+        wa, wb = (torch.load(d / "last.pt", weights_only=True)[part] for d in (whole, killed))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), part
+
+
+def test_exp3_divergence_is_reported():
+    out = TMP / "exp3_diverge"
+    p = run("exp3_diffusion.py", *exp3_tiny_args(out, epochs=1), "--lr", "1e30", "--norm", "none", env=no_data_env())
+    final = json.loads((out / "final.json").read_text())
+    assert p.returncode == 3 and final["status"] == "diverged", (p.returncode, final)
+
+
 # ------------------------------------------------------------------------------------------------------- sweep.py
 def test_sweep_dry_run_prints_the_study_plan():
     p = run("sweep.py", "exp1", "--dry-run")
@@ -905,6 +1127,18 @@ def test_evaluate_compares_runs_with_baselines():
     for fig in ("compare.png", "best_worst_eval_a.png", "best_worst_t1.png", "curves_l1.png"):
         assert Image.open(out / fig).size[0] > 100, fig
     assert Image.open(out / "compare.png").size[0] == 4 * 130 + 2        # image | true | two runs
+
+
+def test_evaluate_samples_a_diffusion_run_as_it_trained():
+    out = TMP / "exp3_synth"
+    if not (out / "final.json").exists():
+        assert run("exp3_diffusion.py", *exp3_tiny_args(out), env=no_data_env()).returncode == 0
+    p = run("evaluate.py", out, "--out", TMP / "eval3", env={**no_data_env(), "TORCH_HOME": str(TMP / "no_hub")})
+    assert p.returncode == 0, p.stdout + p.stderr
+    m, final = json.loads((TMP / "eval3" / "results.json").read_text())["runs"][0], json.loads(
+        (out / "final.json").read_text())
+    assert m["experiment"] == "exp3_diffusion" and m["metrics"]["ms_per_map_batch1"] > 0
+    assert math.isclose(m["metrics"]["l1"], final["val_l1"], rel_tol=1e-5), (m["metrics"]["l1"], final["val_l1"])
 
 
 def test_evaluate_predicts_maps_for_any_image():
