@@ -59,7 +59,7 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds every random number generator")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (for CUDA; on most CPUs it is slower)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (for CUDA, or a CPU with AMX bf16 units)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps on CUDA after a "
                    "minute of compiling; the same weights and checkpoints")
     g.add_argument("--out", default=None, help="run folder (default: runs/exp1-<date>-<time>)")

@@ -65,7 +65,7 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds every random number generator")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (for CUDA; on most CPUs it is slower)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (for CUDA, or a CPU with AMX bf16 units)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model and its EMA (faster on CUDA)")
     g.add_argument("--out", default=None, help="run folder (default: runs/exp3-<date>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt with its "
@@ -362,7 +362,7 @@ def command_line(args):
         if not action.option_strings or action.dest in ("help", "resume", "out") or value == action.default:
             continue
         flag = action.option_strings[0]
-        words += [flag] if value is True else [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+        words += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
     return " ".join(words)
 
 

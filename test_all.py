@@ -1005,6 +1005,45 @@ def test_exp3_divergence_is_reported():
     assert p.returncode == 3 and final["status"] == "diverged", (p.returncode, final)
 
 
+# ------------------------------------------------------------------------------------------------------- CUDA, bench
+def test_cuda_paths_train_and_match_the_cpu():
+    """On a CUDA machine: each experiment trains with --amp and --compile (channels_last, fused Adam, cudnn
+    benchmark are on by default there), and a model's CUDA predictions in channels_last equal its CPU ones."""
+    if not torch.cuda.is_available():
+        raise unittest.SkipTest("no CUDA device")
+    for script, args in (("exp1_unet.py", tiny_run_args(TMP / "cuda1", 2)), ("exp2_gan.py", exp2_tiny_args(
+            TMP / "cuda2", 2)), ("exp3_diffusion.py", exp3_tiny_args(TMP / "cuda3", 2))):
+        for extra in (["--amp"], ["--compile"]):
+            out = Path(args[args.index("--out") + 1])
+            shutil.rmtree(out, ignore_errors=True)
+            p = run(script, *args, "--device", "cuda", *extra, env=no_data_env(), timeout=900)
+            final = json.loads((out / "final.json").read_text())
+            assert p.returncode == 0 and math.isfinite(final["val_l1"]), (script, extra, p.stdout + p.stderr)
+    torch.manual_seed(0)
+    model, x = exp1_unet.UNet(8, 4).eval(), torch.rand(4, 3, 32, 32) * 2 - 1
+    on_cpu = exp1_unet.predict(model, x, "label")
+    on_cuda = exp1_unet.predict(model.cuda().to(memory_format=torch.channels_last), x.cuda(), "label").cpu()
+    assert torch.allclose(on_cpu, on_cuda, atol=1e-3), (on_cpu - on_cuda).abs().max()
+    ema, d = exp3.UNet(4).eval(), exp3.Diffusion(exp3_args("--T", 20))
+    maps = exp3.sample(ema.cuda(), x.cuda(), d, steps=5, generator=torch.Generator("cuda").manual_seed(0))
+    assert maps.shape == x.shape and maps.abs().max() <= 1
+
+
+def test_bench_quick_writes_every_figure():
+    out = TMP / "bench.json"
+    p = run("bench.py", "--quick", "--no-compile", "--size", 32, "--device", "cpu", "--json", out,
+            env={**no_data_env(), "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = json.loads(out.read_text())
+    assert "skipped" in report["data"] and report["device"].startswith("CPU")
+    for name in ("exp1", "exp2", "exp3"):
+        m = report[name]
+        for key in ("train_img_s", "infer_ms", "amp_train_ratio", "amp_infer_ratio", "channels_last_train_ratio"):
+            assert m[key] > 0 and math.isfinite(m[key]), (name, key, m)
+    e3 = report["exp3"]
+    assert e3["sample_ms_ddpm"] > 10 * e3["sample_ms_ddim"], e3    # 1000 ancestral steps against DDIM-50
+
+
 # ------------------------------------------------------------------------------------------------------- sweep.py
 def test_sweep_dry_run_prints_the_study_plan():
     p = run("sweep.py", "exp1", "--dry-run")
