@@ -172,10 +172,7 @@ def summarise(results):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        common.fail("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = common.pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     variants = ["plain", "amp", "channels_last"] + ([] if args.no_compile else ["compile"])

@@ -345,6 +345,13 @@ def fail(message, status=2):
     sys.exit(status)
 
 
+def pick_device(name):
+    """--device auto|cpu|cuda -> torch.device (auto: CUDA when available); cuda without a CUDA device fails."""
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 # ------------------------------------------------------------------------------------------------------------- FID
 # FID's network is TensorFlow's Inception of 2015-12-05 as ported by pytorch-fid (FID_WEIGHTS). This copy of the
 # architecture has that file's parameter names and shapes, so the file loads strictly. No file, no FID: it is then

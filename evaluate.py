@@ -253,10 +253,7 @@ def predict_images(args, device):
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        common.fail("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = common.pick_device(args.device)
     if args.predict:
         return predict_images(args, device)
     if not args.runs:
