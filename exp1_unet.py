@@ -286,11 +286,14 @@ def parse_args(argv=None):
         action.default = argparse.SUPPRESS
     given = vars(given.parse_args(argv))  # only the flags that were typed
     saved = json.loads(saved.read_text())
+    if given.get("data") and saved.get("data") and Path(given["data"]).resolve() == Path(saved["data"]).resolve():
+        given["data"] = saved["data"]  # the same folder, written another way
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
     if changed:
         parser.error(f"--resume keeps a run's settings but --epochs, --device and --compile; cannot change "
                      f"{', '.join(changed)}")
-    return argparse.Namespace(**{**saved, **given, "resume": True})
+    defaults = vars(parser.parse_args([]))  # settings added to the script since the run began
+    return argparse.Namespace(**{**defaults, **saved, **given, "resume": True})
 
 
 def main(argv=None):
@@ -300,13 +303,11 @@ def main(argv=None):
                f"{2 ** (args.depth - 1)} for --depth {args.depth}"),
               (all(s in AUGMENTS for s in policy), f"--diffaug {args.diffaug}: policies are {', '.join(AUGMENTS)}"),
               (min(args.depth, args.c, args.batch_size, args.epochs) >= 1,
-               "--depth, --c, --batch-size and --epochs must be at least 1"),
-              (args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")]
+               "--depth, --c, --batch-size and --epochs must be at least 1")]
     for ok, message in checks:
         if not ok:
             common.fail(message)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = common.pick_device(args.device)
     args.device = device.type
     out = Path(args.out or time.strftime("runs/exp1-%Y%m%d-%H%M%S"))
     if (out / "last.pt").exists() and not args.resume:
@@ -324,7 +325,7 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model  # trains and predicts; `model` holds the weights we save
     opt = make_optimizer(model.parameters(), args)
-    start, best, seconds = 0, {"val_l1": math.inf, "epoch": 0}, 0.0
+    start, best, seconds, kept = 0, {"val_l1": math.inf, "epoch": 0}, 0.0, []
     out.mkdir(parents=True, exist_ok=True)
     if args.resume and (out / "last.pt").exists():
         ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
@@ -333,11 +334,9 @@ def main(argv=None):
         set_rng_state(ck["rng"])
         start, best, seconds = ck["epoch"], ck["best"], ck["seconds"]
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= start]  # drop epochs after last.pt
-        (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+        kept = [ln + "\n" for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= start]  # not after last.pt
         print(f"resume: {out} from epoch {start} (best val L1 {best['val_l1']:.4f} at epoch {best['epoch']})")
-    else:
-        (out / "metrics.jsonl").write_text("")
+    (out / "metrics.jsonl").write_text("".join(kept))
     (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     n_params = sum(p.numel() for p in model.parameters())
     base = common.baseline_metrics(common.to_unit(data.train_y), common.to_unit(data.val_y))
@@ -371,7 +370,7 @@ def main(argv=None):
                 common.save_grid(out / "samples" / f"epoch{epoch:04d}.png", [data.val_x[:8], data.val_y[:8], pred])
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
                          "rng": rng_state(), "args": vars(args), "seconds": seconds}, out / "last.pt")
-            eta = (args.epochs - epoch) * seconds / (epoch - start if epoch > start else 1)
+            eta = (args.epochs - epoch) * seconds / epoch  # seconds: all epochs so far, resumed ones too
             print(f"epoch {epoch:4d}/{args.epochs}  train loss {train_loss:.4f}  train L1 {train_l1:.4f}  "
                   f"val L1 {val['l1']:.4f}  val CC {val['cc']:.3f}  {dt:.1f} s/epoch  ETA {eta / 60:.1f} min"
                   + ("  *best" if best["epoch"] == epoch else ""), flush=True)

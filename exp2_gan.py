@@ -331,11 +331,14 @@ def parse_args(argv=None):
         action.default = argparse.SUPPRESS
     given = vars(given.parse_args(argv))  # only the flags that were typed
     saved = json.loads(saved.read_text())
+    if given.get("data") and saved.get("data") and Path(given["data"]).resolve() == Path(saved["data"]).resolve():
+        given["data"] = saved["data"]  # the same folder, written another way
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
     if changed:
         parser.error(f"--resume keeps a run's settings but --epochs, --device and --compile; cannot change "
                      f"{', '.join(changed)}")
-    return argparse.Namespace(**{**saved, **given, "resume": True})
+    defaults = vars(parser.parse_args([]))  # settings added to the script since the run began
+    return argparse.Namespace(**{**defaults, **saved, **given, "resume": True})
 
 
 def main(argv=None):
@@ -348,12 +351,10 @@ def main(argv=None):
               (min(args.depth, args.d_depth, args.c, args.d_c, args.batch_size, args.epochs) >= 1,
                "--depth, --d-depth, --c, --d-c, --batch-size and --epochs must be at least 1"),
               (args.gan_loss != "wgan-gp" or args.d_norm != "batch", "--gan-loss wgan-gp needs another --d-norm than "
-               "batch (layer, instance, group or none): batch norm breaks the per-sample gradient penalty"),
-              (args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")]
+               "batch (layer, instance, group or none): batch norm breaks the per-sample gradient penalty")]
     for message in [message for ok, message in checks if not ok][:1]:
         common.fail(message)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = common.pick_device(args.device)
     args.device = device.type
     out = Path(args.out or time.strftime("runs/exp2-%Y%m%d-%H%M%S"))
     if (out / "last.pt").exists() and not args.resume:
@@ -372,7 +373,7 @@ def main(argv=None):
     opt_d = make_optimizer(D.parameters(), args.d_opt, args.d_lr, args.d_betas, args.momentum, args.device)
     states = {"generator": G, "discriminator": D, "opt_g": opt_g, "opt_d": opt_d}  # saved in last.pt, by name
     g_net, d_net = (torch.compile(G), D if args.gan_loss == "wgan-gp" else torch.compile(D)) if args.compile else (G, D)
-    start, best, seconds = 0, {"val_l1": math.inf, "epoch": 0}, 0.0
+    start, best, seconds, kept = 0, {"val_l1": math.inf, "epoch": 0}, 0.0, []
     out.mkdir(parents=True, exist_ok=True)
     if args.resume and (out / "last.pt").exists():
         ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
@@ -383,11 +384,9 @@ def main(argv=None):
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         start, best, seconds = ck["epoch"], ck["best"], ck["seconds"]
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= start]  # drop epochs after last.pt
-        (out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+        kept = [ln + "\n" for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= start]  # not after last.pt
         print(f"resume: {out} from epoch {start} (best val L1 {best['val_l1']:.4f} at epoch {best['epoch']})")
-    else:
-        (out / "metrics.jsonl").write_text("")
+    (out / "metrics.jsonl").write_text("".join(kept))
     (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     n_params, d_params = (sum(p.numel() for p in net.parameters()) for net in (G, D))
     unit = common.to_unit  # model range [-1, 1] -> metrics' [0, 1]
@@ -421,7 +420,7 @@ def main(argv=None):
             rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # [] without CUDA
             save_atomic({**{name: obj.state_dict() for name, obj in states.items()}, "epoch": epoch, "best": best,
                          "rng": rng, "args": vars(args), "seconds": seconds}, out / "last.pt")
-            eta = (args.epochs - epoch) * seconds / (epoch - start if epoch > start else 1)
+            eta = (args.epochs - epoch) * seconds / epoch  # seconds: all epochs so far, resumed ones too
             print(f"epoch {epoch:4d}/{args.epochs}  G adv {losses['g_adv']:.4f}  G L1 {losses['g_l1']:.4f}  "
                   f"D real {losses['d_real']:.4f}  D fake {losses['d_fake']:.4f}  val L1 {val['l1']:.4f}  val CC "
                   f"{val['cc']:.3f}  {dt:.1f} s/epoch  ETA {eta / 60:.1f} min"

@@ -383,11 +383,14 @@ def parse_args(argv=None):
         action.default = argparse.SUPPRESS
     given = vars(given.parse_args(argv))  # only the flags that were typed
     saved = json.loads(saved.read_text())
+    if given.get("data") and saved.get("data") and Path(given["data"]).resolve() == Path(saved["data"]).resolve():
+        given["data"] = saved["data"]  # the same folder, written another way
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
     if changed:
         parser.error(f"--resume keeps a run's settings but --epochs, --device and --compile; cannot change "
                      f"{', '.join(changed)}")
-    return argparse.Namespace(**{**saved, **given, "resume": True})
+    defaults = vars(parser.parse_args([]))  # settings added to the script since the run began
+    return argparse.Namespace(**{**defaults, **saved, **given, "resume": True})
 
 
 def main(argv=None):
@@ -400,12 +403,10 @@ def main(argv=None):
              "--c, --batch-size, --epochs, --T, --samples and --eval-every must be at least 1"),
             (0 <= args.sample_steps <= args.T, f"--sample-steps must be between 0 (ancestral) and --T {args.T}"),
             (0 < args.beta_start <= args.beta_end < 1, "--beta-start and --beta-end need 0 < start <= end < 1"),
-            (0 <= args.ema < 1 and args.input_scale > 0, "--ema must be in [0, 1) and --input-scale above 0"),
-            (args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")]:
+            (0 <= args.ema < 1 and args.input_scale > 0, "--ema must be in [0, 1) and --input-scale above 0")]:
         if not ok:
             common.fail(message)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = common.pick_device(args.device)
     args.device, cuda = device.type, device.type == "cuda"
     out = Path(args.out or time.strftime("runs/exp3-%Y%m%d-%H%M%S"))
     if (out / "last.pt").exists() and not args.resume:
@@ -479,7 +480,7 @@ def main(argv=None):
                          "epoch": epoch, "step": step, "best": best, "args": vars(args), "seconds": seconds,
                          "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}},
                         out / "last.pt")
-            eta = (args.epochs - epoch) * seconds / (epoch - start)
+            eta = (args.epochs - epoch) * seconds / epoch  # seconds: all epochs so far, resumed ones too
             print(f"epoch {epoch:4d}/{args.epochs}  train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}"
                   + (f"  val L1 {row['val_l1']:.4f}  val CC {row['val_cc']:.3f}" if row["val_l1"] is not None else "")
                   + f"  {dt:.1f} s/epoch  ETA {eta / 60:.1f} min" + ("  *best" if best["epoch"] == epoch else ""),

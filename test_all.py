@@ -503,6 +503,24 @@ def test_exp1_resume_extends_a_finished_run():
     assert p.returncode == 2 and "already holds a run" in p.stderr, p.stderr
 
 
+def test_resume_accepts_the_same_data_folder_and_runs_older_than_a_flag():
+    out, data, other = TMP / "resume_compat", TMP / "resume_data", TMP / "resume_other"
+    for d in (out, data, other):
+        d.mkdir(exist_ok=True)
+    for module in (exp1_unet, exp2_gan, exp3):
+        saved = vars(module.build_parser().parse_args(["--data", str(data), "--out", str(out)]))
+        del saved["compile"]                                   # a run begun before --compile existed
+        (out / "args.json").write_text(json.dumps(saved))
+        (out / "last.pt").write_bytes(b"")
+        args = module.parse_args(["--data", f"{data}/./", "--out", str(out), "--resume", "--epochs", "7"])
+        assert args.compile is False and args.epochs == 7 and args.data == str(data), module.__name__
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+            module.parse_args(["--data", str(other), "--out", str(out), "--resume"])
+            raise AssertionError(f"{module.__name__}: resumed on another data folder")
+        assert "cannot change data" in err.getvalue(), err.getvalue()
+
+
 def test_exp1_divergence_is_reported():
     out = TMP / "exp1_diverge"
     p = run("exp1_unet.py", *tiny_run_args(out, epochs=2), "--opt", "sgd", "--lr", "1e30", "--norm", "none",
