@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import common
+import evaluate
 import exp1_unet
 import exp2_gan
 import exp3_diffusion
@@ -40,22 +41,10 @@ def build_parser():
     return p
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def clock(fn, device, repeats=1):
-    """Seconds per call of fn() after one warm-up call, the best of `repeats`."""
+    """Seconds per call of fn() after one warm-up call, the best of `repeats` (evaluate.timed syncs CUDA)."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(evaluate.timed(fn, device=device)[1] for _ in range(repeats))
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -150,11 +139,8 @@ def bench_exp3(args, device, variants):
         out[variant] = {"train_img_s": len(data.train_x) // a.batch_size * a.batch_size / seconds,
                         "sample_ms_ddim": 1000 * ddim / len(images), "infer_ms": 1000 * ddim / len(images)}
         if variant == "plain":  # ancestral over all T: once, without a warm-up (the DDIM runs warmed up the model)
-            sync(device)
-            t0 = time.perf_counter()
-            exp3_diffusion.sample(model, images, diffusion, 0, amp=a.amp)
-            sync(device)
-            out[variant]["sample_ms_ddpm"] = 1000 * (time.perf_counter() - t0) / len(images)
+            ddpm = evaluate.timed(exp3_diffusion.sample, model, images, diffusion, 0, amp=a.amp, device=device)[1]
+            out[variant]["sample_ms_ddpm"] = 1000 * ddpm / len(images)
             out[variant]["ddpm_over_ddim"] = out[variant]["sample_ms_ddpm"] / out[variant]["sample_ms_ddim"]
     return out
 

@@ -84,11 +84,12 @@ def load_predictor(run, device, sample_steps=None, samples=None):
     return predict, args, name
 
 
-def timed(fn, *a, device):
+def timed(fn, *a, device, **kw):
+    """(fn(*a, **kw), seconds it took), with CUDA synchronised before and after (bench.py times with it too)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = fn(*a)
+    out = fn(*a, **kw)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return out, time.perf_counter() - t0
