@@ -5,11 +5,14 @@ Metrics: l1_metrics(), cc_metrics(), baseline_metrics() and fid() score maps on 
 Figures: save_grid() writes rows of image | true map | predicted map. A VMS map is an RGB image: green = true VMS
 (why people remembered), red = false VMS (why they wrongly believed they did), blue unused.
 """
+import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import random
+import re
 import sys
 import time
 from collections import OrderedDict
@@ -21,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 DEFAULT_DATA = Path("data/VISCHEMA_PLUS")
+SYNTHETIC = "synthetic"  # --data synthetic: the built-in set, whatever data the machine has
 CACHE_VERSION = 1
 RESAMPLE = {"images": Image.BICUBIC, "vms": Image.BOX}  # photos bicubic, maps by area (PIL filters antialias)
 
@@ -42,7 +46,7 @@ class VMSData:
     train_names: list
     val_names: list
     categories: dict  # name -> scene category ({} when unknown)
-    source: str       # the data folder, or "synthetic"
+    source: str       # the resolved data folder, or "synthetic"
 
 
 # ---------------------------------------------------------------------------------------------------- the real data
@@ -150,23 +154,35 @@ def to_model_range(u8):
 
 
 def resolve_data(path=None):
-    """--data PATH, else $VISCHEMA_DIR, else ./data/VISCHEMA_PLUS. Returns (folder or None, reason for None)."""
+    """--data PATH, else $VISCHEMA_DIR, else ./data/VISCHEMA_PLUS. Returns (the folder, resolved, or "synthetic" for
+    --data synthetic; None with the reason when no folder is found)."""
+    if path == SYNTHETIC:
+        return SYNTHETIC, ""
     if path is not None and not Path(path).is_dir():
         raise DataError(f"--data {path}: no such folder")
     tried = [p for p in (path, os.environ.get("VISCHEMA_DIR"), str(DEFAULT_DATA)) if p]
-    found = next((Path(p) for p in tried if Path(p).is_dir()), None)
+    found = next((Path(p).resolve() for p in tried if Path(p).is_dir()), None)
     return found, "" if found else " and ".join(tried) + " not found"
 
 
+def same_data(a, b):
+    """Whether two --data values name the same data: the same folder written any way, or both the synthetic set."""
+    if SYNTHETIC in (a, b):
+        return a == b
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def load_data(path=None, size=64, device="cpu", split_seed=0, synthetic_seed=0, refresh=False):
-    """The train/val split as VMSData on `device`; the synthetic set (announced loudly) when no data is found.
+    """The train/val split as VMSData on `device`; the synthetic set (announced loudly) for --data synthetic or when
+    no data is found. VMSData.source names what was loaded: the resolved folder, or "synthetic".
     refresh: decode the JPEGs even when the cache is current (bench.py times both)."""
     if size < 8:
         raise DataError(f"--size {size}: too small (at least 8 pixels)")
     root, reason = resolve_data(path)
-    if root is None:
-        print(f"SYNTHETIC DATA: VISCHEMA PLUS not found ({reason}); using the built-in synthetic set. "
-              f"For the real study put VISCHEMA PLUS at {DEFAULT_DATA}/ or pass --data PATH (see README).")
+    if root is None or root == SYNTHETIC:
+        print("SYNTHETIC DATA: " + ("--data synthetic" if root else f"VISCHEMA PLUS not found ({reason})")
+              + f"; using the built-in synthetic set. For the real study put VISCHEMA PLUS at {DEFAULT_DATA}/ or "
+              "pass --data PATH (see README).")
         return synthetic_vischema(size, seed=synthetic_seed, device=device)
     for d in ("images", "vms"):
         if not (root / d).is_dir():
@@ -250,7 +266,7 @@ def synthetic_vischema(size=64, n_train=1280, n_val=320, seed=0, device="cpu", m
     categories = {name: SYNTH_SCENES[s] for name, s in zip(names, scene.tolist())}
     print(f"data: synthetic set, {n_train} train / {n_val} val at {size} px (seed {seed})")
     return VMSData(quantise(img[:n_train]), quantise(vms[:n_train]), quantise(img[n_train:]), quantise(vms[n_train:]),
-                   names[:n_train], names[n_train:], categories, "synthetic")
+                   names[:n_train], names[n_train:], categories, SYNTHETIC)
 
 
 # --------------------------------------------------------------------------------------------------------- metrics
@@ -276,29 +292,122 @@ def pearson(a, b):
     return torch.where(den > 0, (a * b).sum(1) / den.clamp_min(1e-300), torch.zeros_like(den))
 
 
+CHANNELS = {"": lambda m: m[:, 0] + m[:, 1], "_green": lambda m: m[:, 1], "_red": lambda m: m[:, 0]}  # combined
+
+
+def is_flat(maps):
+    """Per map (N x ... on [0, 1]): whether it spans less than FLAT, i.e. is constant but for JPEG noise."""
+    flat = maps.flatten(1)
+    return flat.amax(1) - flat.amin(1) < FLAT
+
+
+def per_image_metrics(pred, true, pooled=20):
+    """Per-image L1 ("l1", over pixels and channels) and Pearson CC (combined map, green and red channels, at the
+    maps' resolution "cc*" and area-pooled to pooled x pooled "cc20*"), as float64 tensors of N values; a CC is NaN
+    where the true map is flat (it has no correlation). pred, true: N x 3 x H x W on [0, 1]."""
+    out = {"l1": (pred.double() - true.double()).abs().flatten(1).mean(1)}
+    for suffix, select in CHANNELS.items():
+        p, t = (select(m.float()).unsqueeze(1) for m in (pred, true))
+        flat = is_flat(t)
+        for prefix, (pp, tt) in (("cc", (p, t)),
+                                 (f"cc{pooled}", (F.adaptive_avg_pool2d(p, pooled), F.adaptive_avg_pool2d(t, pooled)))):
+            out[prefix + suffix] = pearson(pp.flatten(1), tt.flatten(1)).masked_fill(flat, float("nan"))
+    return out
+
+
 def cc_metrics(pred, true, pooled=20):
     """Pearson CC per image, averaged over images: combined map (red + green), green and red channels, at the
     maps' resolution ("cc*") and after area pooling to pooled x pooled ("cc20*", the published CNN's 20x20).
     Images whose true map is constant have no correlation and are skipped; the "*_skipped" keys count them.
     "Constant" allows for JPEG noise: an empty channel of a real map spans up to ~0.04, so a map whose values
     span less than FLAT (0.05) counts as constant. pred, true: N x 3 x H x W on [0, 1]."""
-    out = {}
-    for suffix, select in (("", lambda m: m[:, 0] + m[:, 1]), ("_green", lambda m: m[:, 1]),
-                           ("_red", lambda m: m[:, 0])):
-        p, t = (select(m.float()).unsqueeze(1) for m in (pred, true))
-        varies = t.flatten(1).amax(1) - t.flatten(1).amin(1) >= FLAT
-        p, t = p[varies], t[varies]
-        for prefix, (pp, tt) in (("cc", (p, t)),
-                                 (f"cc{pooled}", (F.adaptive_avg_pool2d(p, pooled), F.adaptive_avg_pool2d(t, pooled)))):
-            r = pearson(pp.flatten(1), tt.flatten(1))
-            out[prefix + suffix] = r.mean().item() if len(r) else float("nan")
-        out[f"cc{suffix}_skipped"] = int((~varies).sum())
+    per_image, out = per_image_metrics(pred, true, pooled), {}
+    for key, r in per_image.items():
+        if key.startswith("cc"):
+            kept = r[~r.isnan()]
+            out[key] = kept.mean().item() if len(kept) else float("nan")
+            if key.startswith(f"cc{pooled}"):
+                out["cc" + key[2 + len(str(pooled)):] + "_skipped"] = int(r.isnan().sum())
     return out
 
 
 def map_metrics(pred, true):
     """All of the study's map metrics (L1 and CC), for N x 3 x H x W maps on [0, 1]."""
     return {**l1_metrics(pred, true), **cc_metrics(pred, true)}
+
+
+METRICS_ROW = ("l1", "l1_green", "l1_red", "cc", "cc_green", "cc_red", "cc20")  # what metrics.jsonl keeps per epoch
+
+
+def fmt(value, digits=4):
+    """A number for tables and progress lines; "—" for None and NaN (a run with no finite value)."""
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def metrics_text(m, prefix="val"):
+    """One progress-line piece: L1, then CC combined, green (true VMS), red (false VMS), and at 20x20."""
+    return (f"{prefix} L1 {fmt(m['l1'])}  CC {fmt(m['cc'], 3)} green {fmt(m['cc_green'], 3)} red "
+            f"{fmt(m['cc_red'], 3)} CC20 {fmt(m['cc20'], 3)}")
+
+
+# ---------------------------------------------------------------------------------------------------------- losses
+# --loss (and exp3's --x0-loss): a weighted sum of terms, "l1", "l1+0.5cc", "2l1+cc", "kl+0.5cc". Every term compares
+# the network's output with its target, N x 3 x H x W in the models' range [-1, 1].
+LOSS_TERM = re.compile(r"^(\d*\.?\d*(?:e-?\d+)?)\*?(l1|l2|cc|kl)$")
+EPS = 1e-7
+
+
+def parse_loss(spec):
+    """"l1+0.5cc" -> [(1.0, "l1"), (0.5, "cc")]; ValueError naming the term it cannot read."""
+    terms = []
+    for term in spec.replace(" ", "").split("+"):
+        match = LOSS_TERM.match(term)
+        if not match or match[1] in (".", "e"):
+            raise ValueError(f"{term!r} is not a term: a weight (optional) and one of l1, l2, cc, kl, as in 2l1+0.5cc")
+        terms.append((float(match[1]) if match[1] else 1.0, match[2]))
+    return terms
+
+
+def loss_spec(spec):
+    """argparse type for --loss: the spec itself, once it reads."""
+    try:
+        parse_loss(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
+
+
+def optional_loss(spec):
+    """argparse type for exp3's --x0-loss: "none", or a --loss spec."""
+    return spec if spec == "none" else loss_spec(spec)
+
+
+def map_loss(spec, out, target):
+    """The weighted sum of the terms of `spec` between out and target (N x 3 x H x W in [-1, 1]):
+    l1, l2: mean absolute or squared difference over pixels and channels (F.l1_loss, F.mse_loss);
+    cc: 1 - Pearson correlation per image and map channel (green, red), averaged over the channels whose target is
+        not flat (a third of the red maps are empty: no correlation there, and no NaN or infinite gradient);
+    kl: KL divergence KL(target || out) per image and map channel, each channel shifted to [0, 1] and normalised to
+        sum to 1 (the saliency models' loss), averaged over the same channels."""
+    total = 0
+    for weight, term in parse_loss(spec):
+        if term in ("l1", "l2"):
+            value = F.l1_loss(out, target) if term == "l1" else F.mse_loss(out, target)
+        else:
+            p, t = ((m[:, :2].float() + 1) / 2 for m in (out, target))  # red and green on [0, 1], per image
+            p, t = p.flatten(2), t.flatten(2)
+            keep = ~is_flat(t.flatten(0, 1)).view(t.shape[:2])
+            if term == "cc":
+                p, t = p - p.mean(2, keepdim=True), t - t.mean(2, keepdim=True)
+                r = (p * t).sum(2) / ((p.pow(2).sum(2) + EPS).sqrt() * (t.pow(2).sum(2) + EPS).sqrt())
+                per_channel = 1 - r
+            else:
+                p, t = p.clamp_min(0), t.clamp_min(0)
+                p, t = p / (p.sum(2, keepdim=True) + EPS), t / (t.sum(2, keepdim=True) + EPS)
+                per_channel = (t * torch.log(EPS + t / (p + EPS))).sum(2)
+            value = (per_channel * keep).sum() / keep.sum().clamp_min(1)
+        total = total + weight * value
+    return total
 
 
 def baseline_maps(train_y):
@@ -324,19 +433,37 @@ def to_pil(x, scale=1):
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
 
 
-def save_grid(path, columns, min_side=128, gap=2):
-    """PNG of rows image | true map | predicted map (or any columns): `columns` is a list of N x 3 x H x W tensors
-    in [-1, 1]; row i shows the i-th entry of each. Small images are upscaled to at least `min_side` pixels."""
+def save_grid(path, columns, labels=None, row_labels=None, min_side=128, gap=2, photos=1):
+    """PNG of rows photo | true map | predicted map (or any columns): `columns` is a list of N x 3 x H x W tensors in
+    [-1, 1]; row i shows the i-th entry of each. The first `photos` columns are photos, the others maps, shown with
+    their unused blue channel at zero (as in the data) so that every map looks like a true map. `labels` name the
+    columns in a header, `row_labels` the rows at the left. Small images are upscaled to at least `min_side` px."""
     n, side = len(columns[0]), columns[0].shape[-1]
     scale = max(1, -(-min_side // side))
-    cell = side * scale
-    grid = Image.new("RGB", (len(columns) * (cell + gap) + gap, n * (cell + gap) + gap), "white")
-    for i in range(n):
-        for j, col in enumerate(columns):
-            grid.paste(to_pil(col[i], scale), (gap + j * (cell + gap), gap + i * (cell + gap)))
+    cell, top, left = side * scale, 16 if labels else 0, 60 if row_labels else 0
+    grid = Image.new("RGB", (left + len(columns) * (cell + gap) + gap, top + n * (cell + gap) + gap), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, col in enumerate(columns):
+        if labels:
+            draw.text((left + gap + j * (cell + gap) + 2, 2), str(labels[j])[:cell // 6], fill="black")
+        for i in range(n):
+            x = col[i] if j < photos else torch.cat([col[i][:2], torch.full_like(col[i][2:], -1)])
+            grid.paste(to_pil(x, scale), (left + gap + j * (cell + gap), top + gap + i * (cell + gap)))
+    for i, label in enumerate(row_labels or []):
+        draw.text((2, top + gap + i * (cell + gap) + cell // 2 - 6), str(label)[:9], fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return grid
+
+
+# ------------------------------------------------------------------------------------------------ command lines
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where there is none to show (unset, or an off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def fail(message, status=2):
@@ -345,11 +472,161 @@ def fail(message, status=2):
     sys.exit(status)
 
 
+def writable_folder(path, flag="--out"):
+    """Create the folder `path` (and its parents) and check that files can be written there; one error line if not."""
+    probe = Path(path) / f".write-test-{os.getpid()}"
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"{flag} {path}: cannot write there ({e.strerror or e})")
+    return Path(path)
+
+
+def add_run_flags(g, script, resumable):
+    """The flags every experiment has for running a run: --seed --device --amp --compile --out --resume."""
+    g.add_argument("--seed", type=int, default=0, help="seeds every random number generator")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast: faster on CUDA and on CPUs with bf16 units "
+                   "(AMX), slower on other CPUs")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks: faster steps on CUDA after "
+                   "a minute of compiling; the same weights and checkpoints")
+    g.add_argument("--out", default=None, help=f"run folder (default: runs/{Path(script).stem.split('_')[0]}"
+                   "-<date>-<time>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt with its "
+                   f"saved settings and data; only {changeable(resumable)} may change (--epochs extends it)")
+
+
+def changeable(resumable):
+    return ", ".join(sorted("--" + k.replace("_", "-") for k in resumable - {"out", "resume"}))
+
+
+def parse_args(build_parser, argv, resumable):
+    """Flags -> args; with --resume the run's saved settings and data, where only `resumable` settings may change
+    (the same data folder may be written another way)."""
+    args = build_parser().parse_args(argv)
+    if not args.resume:
+        return args
+    if args.out is None:
+        fail("--resume needs --out, the run folder to continue")
+    if not (Path(args.out) / "last.pt").exists() or not (Path(args.out) / "args.json").exists():
+        fail(f"--resume: no run to continue in {args.out} (no last.pt and args.json); check the folder, or leave out "
+             "--resume to start a new run there")
+    typed = build_parser()
+    for action in typed._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(typed.parse_args(argv))  # only the flags that were typed
+    saved = json.loads((Path(args.out) / "args.json").read_text())
+    data = given.pop("data", None)
+    if data is not None and saved.get("data") is not None and not same_data(data, saved["data"]):
+        fail(f"--resume: {args.out} was trained on {saved['data']}, not on --data {data}")
+    saved["data"] = saved.get("data") or data  # a run recorded without its data takes --data
+    changed = sorted(k for k, v in given.items() if k not in resumable and saved.get(k) != v)
+    if changed:
+        fail(f"--resume keeps a run's settings but {changeable(resumable)}; cannot change {', '.join(changed)}")
+    defaults = vars(build_parser().parse_args([]))  # settings added to the script since the run began
+    return argparse.Namespace(**{**defaults, **saved, **given, "resume": True})
+
+
+def command_line(parser, args, script):
+    """The command that reproduces a run: the script and every setting that differs from its default."""
+    words = ["python", Path(script).name]
+    for action in parser._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or action.dest in ("help", "resume", "out") or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        words += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
+    return " ".join(words)
+
+
+def setup(args, script, checks):
+    """Refuses bad settings (the message of the first failed (ok, message) check), then picks the device, the run
+    folder and the data, and seeds torch. Returns (device, out, data); args.device and args.data then name what the
+    run uses (the resolved data folder, or "synthetic"), for args.json, --resume and final.json's command."""
+    for message in [message for ok, message in checks if not ok][:1]:
+        fail(message)
+    device = pick_device(args.device)
+    out = Path(args.out or time.strftime(f"runs/{Path(script).stem.split('_')[0]}-%Y%m%d-%H%M%S"))
+    if (out / "last.pt").exists() and not args.resume:
+        fail(f"{out} already holds a run; add --resume to continue it or choose another --out")
+    writable_folder(out)
+    try:
+        data = load_data(args.data, args.size, device)
+    except DataError as e:
+        fail(str(e))
+    args.device, args.data = device.type, data.source
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    return device, out, data
+
+
+def log_epoch(out, row, epoch, epochs, seconds, is_best):
+    """Appends an epoch's row to out/metrics.jsonl; returns its progress line's end: seconds per epoch and ETA."""
+    with open(Path(out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    eta = (epochs - epoch) * seconds / epoch  # seconds: all epochs so far, resumed ones too
+    return f"{row['seconds']:.1f} s/epoch  ETA {eta / 60:.1f} min" + ("  *best" if is_best else "")
+
+
+def finish(out, args, build_parser, script, status, epoch, best, seconds, base, **extra):
+    """Writes out/final.json (the best epoch's val metrics, the run's status, the command that reproduces it) and
+    prints the run's last line; exits with status 3 unless the run is ok and has a finite val L1."""
+    final = {"experiment": Path(script).stem, "command": command_line(build_parser(), args, script),
+             "status": status, "epoch": epoch, "best_epoch": best["epoch"], "seconds": seconds, "data": args.data,
+             **{"val_" + k: None for k in METRICS_ROW}, "train_l1": None,
+             **{k: v for k, v in best.items() if k.startswith("val_") and best["epoch"]}, **extra, "baselines": base}
+    (Path(out) / "final.json").write_text(json.dumps(final, indent=1))
+    if status == "ok" and final["val_l1"] is None:
+        print(f"done: no epoch gave a finite val L1; {out}/final.json")
+    if status != "ok" or final["val_l1"] is None:
+        sys.exit(3)
+    print(f"done: best val L1 {fmt(final['val_l1'])} (median map {fmt(base['median']['l1'])}), val CC "
+          f"{fmt(final['val_cc'], 3)} (mean map {fmt(base['mean']['cc'], 3)}) at epoch {best['epoch']}; train L1 "
+          f"{fmt(final['train_l1'])}; {seconds / 60:.1f} min; {out}/final.json")
+
+
+def interrupted(out, script):
+    print(f"\ninterrupted; continue with: python {Path(script).name} --out {out} --resume")
+    sys.exit(130)
+
+
 def pick_device(name):
     """--device auto|cpu|cuda -> torch.device (auto: CUDA when available); cuda without a CUDA device fails."""
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA device is available")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def device_name(device):
+    """"cpu (2 threads)" or "cuda (NVIDIA H100 ...)": what a run's start line says about where it runs."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'s' if n > 1 else ''})"
+
+
+def progress(steps, label, images_per_step, stream=None):
+    """Yields 0 .. steps-1 and shows how far a long loop is: steps done, images per second and the time left. On a
+    terminal one line is rewritten in place at most 4 times a second and erased at the end; in a file or pipe (a
+    sweep's log) a plain line is written every $VMS_PROGRESS_SECONDS seconds (default 60)."""
+    stream = stream or sys.stdout
+    tty = stream.isatty()
+    every = 0.25 if tty else float(os.environ.get("VMS_PROGRESS_SECONDS", 60))
+    t0 = last = time.perf_counter()
+    for i in range(steps):
+        yield i
+        now = time.perf_counter()
+        if now - last >= every and i + 1 < steps:
+            last, rate = now, (i + 1) / (now - t0)
+            line = (f"  {label} {i + 1}/{steps}  {rate * images_per_step:.0f} img/s  "
+                    f"{(steps - i - 1) / rate:.0f} s left")
+            stream.write(f"\r{line}\x1b[K" if tty else line + "\n")
+            stream.flush()
+    if tty and last > t0:
+        stream.write("\r\x1b[K")
+        stream.flush()
 
 
 # ------------------------------------------------------------------------------------------------------------- FID
