@@ -5,15 +5,16 @@
     python exp3_diffusion.py --out runs/d --epochs 40 --resume   # continue (and extend) that run exactly
 
 Palette/SR3 style: a UNet sees concat(photo, noisy map) and the step t (0 .. T-1, as in diffusers) and predicts the
-noise, v or the clean map; sampling denoises pure noise into a map. The file reads top to bottom: settings, the
-schedules and q(x_t | x_0), the model, DiffAugment, the training loop (Algorithm 3), the samplers, plumbing.
+noise, v or the clean map; sampling denoises pure noise into a map, K samples per photo averaged. The file reads top
+to bottom: settings, the schedules and q(x_t | x_0), the model, DiffAugment, the training loop (Algorithm 3), the
+samplers, plumbing. It imports only common.py from this project; blocks marked "# >>> shared: NAME", and functions
+of the same name, are byte-identical in the experiment files that have them.
 """
 import argparse
 import copy
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,21 +24,28 @@ import torch.nn.functional as F
 
 import common
 
+# >>> shared: constants
+DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "adadelta": 1.0, "adagrad": 1e-2}
 RESUMABLE = {"epochs", "device", "resume", "out", "compile"}  # the settings --resume may change
 CHANNELS_LAST = None  # channels_last memory format: None = on CUDA only; bench.py sets True/False to measure it
+# <<< shared: constants
 TRAIN_EVAL = 64  # train_l1 is the sampled L1 of this many training photos (all 1280 would cost four val passes)
 
 
 # ---------------------------------------------------------------------------------------------------- settings
 def build_parser():
     p = argparse.ArgumentParser(description="Experiment 3: conditional diffusion predicting VMS maps (Algorithm 3).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="VISCHEMA PLUS folder; unset: $VISCHEMA_DIR, else "
-                   "./data/VISCHEMA_PLUS, else the built-in synthetic set (announced on the first line)")
-    g.add_argument("--size", type=int, default=64, help="side of the square images and maps (a multiple of 8)")
-    g.add_argument("--target", choices=["label", "sum"], default="label", help="generate the map, or (photo + map)/2")
-    g.add_argument("--diffaug", default="translation,cutout", help="DiffAugment policies on photo and map; 'none'")
+    # >>> shared: data flags
+    g.add_argument("--data", default=None, help="VISCHEMA PLUS folder, or 'synthetic' for the built-in set; unset: "
+                   "$VISCHEMA_DIR, else ./data/VISCHEMA_PLUS, else the synthetic set (announced on the first line)")
+    g.add_argument("--size", type=int, default=64, help="side of the square images and maps, in pixels")
+    g.add_argument("--target", choices=["label", "sum"], default="label", help="label: predict the map; sum: "
+                   "predict (photo + map) / 2 and recover the map from it (the thesis' second formulation)")
+    # <<< shared: data flags
+    g.add_argument("--diffaug", default="translation,cutout", help="DiffAugment policies, comma-separated "
+                   "(translation, cutout), applied identically to each photo and its map; 'none' disables")
     g.add_argument("--diffaug-p", type=float, default=0.9, help="probability of each policy per sample")
     g = p.add_argument_group("model")
     g.add_argument("--c", type=int, default=64, help="base channels: the UNet's levels have (c, 2c, 4c, 8c)")
@@ -51,7 +59,11 @@ def build_parser():
     g.add_argument("--T", type=int, default=1000, help="diffusion steps")
     g.add_argument("--beta-start", type=float, default=1e-4, help="first beta of the linear schedule")
     g.add_argument("--beta-end", type=float, default=0.02, help="last beta of the linear schedule")
-    g.add_argument("--input-scale", type=float, default=1.0, help="scales the clean map before noising (Chen 2023)")
+    g.add_argument("--input-scale", type=float, default=1.0, help="scales the clean map before noising (Chen 2023; "
+                   "DDP uses 0.1 for dense prediction): below 1 the noise hides the map sooner")
+    g.add_argument("--x0-loss", type=common.optional_loss, default="none", help="adds a map loss on the network's "
+                   "predicted clean map to the diffusion loss, in --loss syntax with its weights (e.g. 0.5l1+0.5cc); "
+                   "needs --objective x0 or v")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"), help="Adam betas")
@@ -60,16 +72,11 @@ def build_parser():
     g.add_argument("--epochs", type=int, default=100, help="passes over the training split")
     g = p.add_argument_group("sampling")
     g.add_argument("--sample-steps", type=int, default=50, help="N: DDIM, eta 0, N steps; 0: ancestral DDPM, T steps")
-    g.add_argument("--samples", type=int, default=1, help="sampled maps averaged per photo (what L1 and CC score)")
+    g.add_argument("--samples", type=int, default=1, help="K: sampled maps averaged per photo (what L1 and CC score); "
+                   "the K samples of a photo go through the network in one batch")
     g.add_argument("--eval-every", type=int, default=5, help="sample val maps (L1, CC, best.pt) every N epochs")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seeds every random number generator")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (for CUDA, or a CPU with AMX bf16 units)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model and its EMA (faster on CUDA)")
-    g.add_argument("--out", default=None, help="run folder (default: runs/exp3-<date>-<time>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt with its "
-                   "saved settings; only --epochs (to extend it), --device and --compile may change")
+    common.add_run_flags(g, __file__, RESUMABLE)
     return p
 
 
@@ -121,13 +128,20 @@ class Diffusion:
 
 
 # ---------------------------------------------------------------------------------------------------- the model
-NORMS = {  # "group": the most groups (at most 32) that leave at least two channels in each
-    "group": lambda ch: nn.GroupNorm(max(g for g in range(1, 33) if ch % g == 0 and (ch // g >= 2 or g == 1)), ch),
+# >>> shared: norms
+def group_count(ch):
+    """GroupNorm groups: the most groups (at most 32) that leave at least two channels in each."""
+    return max([g for g in range(1, 33) if ch % g == 0 and ch // g >= 2] or [1])
+
+
+NORMS = {
     "batch": lambda ch: nn.BatchNorm2d(ch),
     "instance": lambda ch: nn.InstanceNorm2d(ch, affine=True),
     "layer": lambda ch: nn.GroupNorm(1, ch),  # normalises over channels and pixels of each image
+    "group": lambda ch: nn.GroupNorm(group_count(ch), ch),
     "none": lambda ch: nn.Identity(),
 }
+# <<< shared: norms
 
 
 def timestep_embedding(t, dim):
@@ -186,8 +200,10 @@ class UNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- DiffAugment
-# Differentiable augmentation (Zhao et al. 2020) on the 6-channel stack (photo, map), so that both move together;
-# each policy per sample with probability p. Uncovered pixels get -1: a black photo and an empty map.
+# >>> shared: DiffAugment
+# Differentiable augmentation (Zhao et al. 2020) on the 6-channel stack (photo, map), so that both move together.
+# Each policy is applied per sample with probability p. "Zero fill" means zero on the [0, 1] scale (-1 in model
+# range): a black photo and an empty map, so that uncovered pixels are never labelled memorable.
 def translation(x, p, ratio=0.125):
     """Shift each sample by up to ratio * size pixels along each axis; uncovered pixels are filled with -1."""
     n, _, h, w = x.shape
@@ -218,6 +234,13 @@ def cutout(x, p, ratio=0.5):
 AUGMENTS = {"translation": translation, "cutout": cutout}
 
 
+def augment_policy(spec):
+    """--diffaug "translation,cutout" -> ["translation", "cutout"]; "none" or "" -> []; None if a name is unknown."""
+    policy = [] if spec.strip() in ("", "none") else [s.strip() for s in spec.split(",")]
+    return policy if all(s in AUGMENTS for s in policy) else None
+# <<< shared: DiffAugment
+
+
 def diff_augment(image, vms, policy, p):
     """The same random transform for each photo and its map: N x 3 x S x S each, returned as a pair."""
     x = torch.cat([image, vms], 1)
@@ -226,12 +249,16 @@ def diff_augment(image, vms, policy, p):
     return x[:, :3], x[:, 3:]
 
 
-def to_target(image, vms, target):  # what the model generates: the map, or (image + map) / 2 for --target sum
+# >>> shared: targets
+def to_target(image, vms, target):
+    """What the network learns to produce: the map itself, or (image + map) / 2 for --target sum."""
     return vms if target == "label" else (image + vms) / 2
 
 
-def from_target(out, image, target):  # the map recovered from the generated output (metrics are on the map)
+def from_target(out, image, target):
+    """The map recovered from what the network produced (metrics are always on the map)."""
     return out if target == "label" else (2 * out - image).clamp(-1, 1)
+# <<< shared: targets
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -245,12 +272,16 @@ def run_model(model, image, x_t, t, amp):
 def diffusion_loss(model, image, vms, diffusion, args, generator=None):
     """The loss of Algorithm 3 for a batch of photos and their maps (N x 3 x S x S each); noise from `generator`."""
     x0 = args.input_scale * to_target(image, vms, args.target)                        # the clean signal x_0
-    t = torch.randint(0, diffusion.T, (len(x0),), generator=generator, device=x0.device)  # t ~ Uniform({1, ..., T})
+    t = torch.randint(0, diffusion.T, (len(x0),), generator=generator, device=x0.device)  # t ~ U({0, ..., T-1})
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)                # eps ~ N(0, I)
     ab = diffusion.alpha_bar.to(x0)[t].view(-1, 1, 1, 1)
     x_t = diffusion.noise(x0, eps, ab)                                                # x_t ~ q(x_t | x_0)
     out = run_model(model, image, x_t, t, args.amp)              # predict eps (or v, x_0) from concat(x, x_t) and t
-    return F.mse_loss(out, diffusion.target(x0, eps, ab))                             # mean squared error
+    loss = F.mse_loss(out, diffusion.target(x0, eps, ab))                             # mean squared error
+    if args.x0_loss != "none":                                   # + a map loss on the predicted clean map
+        loss = loss + common.map_loss(args.x0_loss, diffusion.split(out, x_t, ab)[0] / args.input_scale,
+                                      x0 / args.input_scale)
+    return loss
 
 
 @torch.no_grad()
@@ -267,7 +298,7 @@ def train_epoch(model, ema, opt, data, diffusion, args, policy, step):
     model.train()
     n, bs = len(data.train_x), min(args.batch_size, len(data.train_x))
     order, loss_sum = torch.randperm(n).to(data.train_x.device), 0.0
-    for i in range(n // bs):
+    for i in common.progress(n // bs, "train", bs):
         idx = order[i * bs:(i + 1) * bs]
         image, vms = diff_augment(data.train_x[idx], data.train_y[idx], policy, args.diffaug_p)  # photos, true maps
         loss = diffusion_loss(model, image, vms, diffusion, args)    # noise the maps, predict, MSE
@@ -291,20 +322,26 @@ def val_loss(model, data, diffusion, args):
 
 # ---------------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def sample(model, images, diffusion, steps=50, generator=None, samples=1, amp=False):
-    """The generated signal in [-1, 1] for N x 3 x S x S photos, the mean of `samples` draws; all noise comes from
-    `generator`. steps > 0: DDIM, eta 0, at t = round(T - i T / steps) - 1, i < steps, each going to t - T // steps
-    (diffusers' DDIMScheduler: "trailing" spacing, clip_sample, set_alpha_to_one); steps = 0: ancestral DDPM over
-    all T steps (DDPMScheduler, "fixed_small" variance). The predicted x_0 is clipped to [-1, 1] at every step."""
+def sample(model, images, diffusion, steps=50, generator=None, samples=1, amp=False, max_batch=512):
+    """K = `samples` draws of the generated signal for each of N photos (N x 3 x S x S): returns their mean and
+    per-pixel standard deviation (N x 3 x S x S each, the signal in [-1, 1]); all noise comes from `generator`. The
+    K draws of a photo go through the network together, photos in chunks of max_batch // K, and each chunk's x_T is
+    drawn as K tensors of the chunk's shape, one after the other: the same numbers as K calls with samples=1.
+    steps > 0: DDIM, eta 0, at t = round(T - i T / steps) - 1, i < steps, each going to t - T // steps (diffusers'
+    DDIMScheduler: "trailing" spacing, clip_sample, set_alpha_to_one); steps = 0: ancestral DDPM over all T steps
+    (DDPMScheduler, "fixed_small" variance). The predicted x_0 is clipped to [-1, 1] at every step."""
     model.eval()
-    T, scale, alpha_bar, total = diffusion.T, diffusion.input_scale, diffusion.alpha_bar.tolist(), 0
+    T, scale, alpha_bar, k = diffusion.T, diffusion.input_scale, diffusion.alpha_bar.tolist(), samples
     ts = [round(T - i * T / steps) - 1 for i in range(steps)] if steps else range(T - 1, -1, -1)
-    for _ in range(samples):
-        x = torch.randn(images.shape, generator=generator, device=images.device)  # x_T ~ N(0, I)
+    chunks, means, stds = images.split(max(1, max_batch // k)), [], []
+    for c in common.progress(len(chunks), "sample", len(chunks[0])):
+        photos = chunks[c].repeat_interleave(k, 0)                                   # each photo K times, in a row
+        x = torch.stack([torch.randn(chunks[c].shape, generator=generator, device=images.device)
+                         for _ in range(k)], 1).flatten(0, 1)                        # x_T ~ N(0, I)
         for t in ts:
             prev = t - (T // steps if steps else 1)
             ab, ab_prev = alpha_bar[t], alpha_bar[prev] if prev >= 0 else 1.0
-            out = run_model(model, images, x, torch.full((len(x),), t, device=x.device), amp)
+            out = run_model(model, photos, x, torch.full((len(x),), t, device=x.device), amp)
             x0, eps = diffusion.split(out, x, ab)
             x0 = x0.clamp(-scale, scale)  # the map's range [-1, 1], times --input-scale
             if steps:  # DDIM, eta 0: the point of the deterministic path at prev
@@ -315,35 +352,54 @@ def sample(model, images, diffusion, steps=50, generator=None, samples=1, amp=Fa
                 if t > 0:
                     std = max((1 - ab_prev) / (1 - ab) * beta, 1e-20) ** 0.5
                     x = x + std * torch.randn(x.shape, generator=generator, device=x.device)
-        total += x
-    return total / (samples * scale)
+        draws = (x / scale).unflatten(0, (-1, k))                                     # photos x K x 3 x S x S
+        means.append(draws.mean(1))
+        stds.append(draws.std(1, correction=0))
+    return torch.cat(means), torch.cat(stds)
 
 
 def predict(model, images, diffusion, args, steps, samples):
-    """Maps in [-1, 1] for N x 3 x S x S photos, sampled in one batch with noise from a generator seeded by --seed:
-    the same photos always get the same maps, and evaluating never touches the training RNG stream."""
+    """(maps, std): the mean of `samples` sampled maps per photo in [-1, 1], and the per-pixel standard deviation of
+    the samples (the model's uncertainty, on the same scale), for N x 3 x S x S photos. The noise comes from a
+    generator seeded by --seed: the same photos always get the same maps, and evaluating never touches the
+    training RNG stream."""
     g = torch.Generator(images.device).manual_seed(args.seed)
-    return from_target(sample(model, images, diffusion, steps, g, samples, args.amp), images, args.target)
+    mean, std = sample(model, images, diffusion, steps, g, samples, args.amp)
+    return from_target(mean, images, args.target), std * (2 if args.target == "sum" else 1)
 
 
-def load_predictor(run_dir, device="cpu", sample_steps=None, samples=None):
+def load_predictor(run_dir, device="cpu", sample_steps=None, samples=None, with_std=False):
     """(predict_fn, args) from a run folder's best.pt (EMA weights); predict_fn: N x 3 x S x S photos -> maps, both
-    in [-1, 1]. The sampler settings default to the run's own (--sample-steps, --samples)."""
+    in [-1, 1] (with_std: (maps, per-pixel std of the samples)). The sampler settings default to the run's own
+    (--sample-steps, --samples)."""
     ck = torch.load(Path(run_dir) / "best.pt", map_location="cpu", weights_only=True)
-    args = argparse.Namespace(**ck["args"])
+    args = argparse.Namespace(**{**vars(build_parser().parse_args([])), **ck["args"]})  # flags newer than the run
     model = UNet(args.c, args.norm, args.attn).to(device)
     model.load_state_dict(ck["model"])
     steps, k = args.sample_steps if sample_steps is None else sample_steps, samples or args.samples
-    return (lambda images: predict(model, images.to(device), Diffusion(args), args, steps, k)), args
+    run = lambda images: predict(model, images.to(device), Diffusion(args), args, steps, k)  # noqa: E731
+    return (run if with_std else lambda images: run(images)[0]), args
 
 
 # ---------------------------------------------------------------------------------------------------- plumbing
+# >>> shared: checkpoints
 def channels_last(device):
     return device.type == "cuda" if CHANNELS_LAST is None else CHANNELS_LAST
 
 
 def to_memory_format(x, device):
     return x.contiguous(memory_format=torch.channels_last) if channels_last(device) else x
+
+
+def make_optimizer(params, name, lr, betas, momentum, device):
+    """The optimiser `name` (DEFAULT_LR's keys) with lr (None: its default); Adam fused on CUDA (device: a
+    torch.device or its name)."""
+    lr = lr if lr is not None else DEFAULT_LR[name]
+    if name == "adam":  # fused: one kernel for the whole update on CUDA
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=torch.device(device).type == "cuda" or None)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    return {"adadelta": torch.optim.Adadelta, "adagrad": torch.optim.Adagrad}[name](params, lr=lr)
 
 
 def save_atomic(obj, path):
@@ -353,69 +409,54 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def command_line(args):
-    """The command that reproduces this run: the script and every setting that differs from its default."""
-    words = ["python", Path(__file__).name]
-    for action in build_parser()._actions:
-        value = getattr(args, action.dest, action.default)
-        if not action.option_strings or action.dest in ("help", "resume", "out") or value == action.default:
-            continue
-        flag = action.option_strings[0]
-        words += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
-    return " ".join(words)
+def rng_state():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def parse_args(argv=None):
-    """Flags -> args; with --resume the run's saved settings, where only RESUMABLE ones may change."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.resume:
-        return args
-    if args.out is None:
-        parser.error("--resume needs --out, the run folder to continue")
-    saved = Path(args.out) / "args.json"
-    if not (Path(args.out) / "last.pt").exists() or not saved.exists():
-        print(f"resume: nothing to resume in {args.out} (no last.pt yet); starting a new run there")
-        return args
-    given = build_parser()
-    for action in given._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(given.parse_args(argv))  # only the flags that were typed
-    saved = json.loads(saved.read_text())
-    if given.get("data") and saved.get("data") and Path(given["data"]).resolve() == Path(saved["data"]).resolve():
-        given["data"] = saved["data"]  # the same folder, written another way
-    changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
-    if changed:
-        parser.error(f"--resume keeps a run's settings but --epochs, --device and --compile; cannot change "
-                     f"{', '.join(changed)}")
-    defaults = vars(parser.parse_args([]))  # settings added to the script since the run began
-    return argparse.Namespace(**{**defaults, **saved, **given, "resume": True})
+def start_or_resume(args, out, states):
+    """A new run writes args.json and an empty metrics.jsonl. --resume loads last.pt into `states` (name -> object
+    with load_state_dict), restores the RNG and keeps the metrics rows up to last.pt's epoch. Returns last.pt's
+    contents, or the start of a new run: epoch 0, no best yet, no seconds."""
+    ck, kept = {"epoch": 0, "best": {"val_l1": math.inf, "epoch": 0}, "seconds": 0.0}, []
+    if args.resume:
+        ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        for name, obj in states.items():
+            obj.load_state_dict(ck[name])
+        torch.set_rng_state(ck["rng"]["cpu"])
+        if ck["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        kept = [ln + "\n" for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= ck["epoch"]]  # not after it
+        print(f"resume: {out} from epoch {ck['epoch']} (best val L1 {common.fmt(ck['best']['val_l1'])} at epoch "
+              f"{ck['best']['epoch']})")
+    (out / "metrics.jsonl").write_text("".join(kept))
+    (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    return ck
+
+
+def save_last(out, states, args, **info):
+    """last.pt: every state dict in `states`, the RNG states, the args and `info` (epoch, best, seconds, ...)."""
+    save_atomic({**{name: obj.state_dict() for name, obj in states.items()}, **info, "rng": rng_state(),
+                 "args": vars(args)}, out / "last.pt")
+# <<< shared: checkpoints
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    policy = [] if args.diffaug.strip() in ("", "none") else [s.strip() for s in args.diffaug.split(",")]
-    for ok, message in [
-            (args.size % 8 == 0, f"--size {args.size} must be a multiple of 8 (the UNet halves it three times)"),
-            (all(s in AUGMENTS for s in policy), f"--diffaug {args.diffaug}: policies are {', '.join(AUGMENTS)}"),
-            (min(args.c, args.batch_size, args.epochs, args.T, args.samples, args.eval_every) >= 1,
-             "--c, --batch-size, --epochs, --T, --samples and --eval-every must be at least 1"),
-            (0 <= args.sample_steps <= args.T, f"--sample-steps must be between 0 (ancestral) and --T {args.T}"),
-            (0 < args.beta_start <= args.beta_end < 1, "--beta-start and --beta-end need 0 < start <= end < 1"),
-            (0 <= args.ema < 1 and args.input_scale > 0, "--ema must be in [0, 1) and --input-scale above 0")]:
-        if not ok:
-            common.fail(message)
-    device = common.pick_device(args.device)
-    args.device, cuda = device.type, device.type == "cuda"
-    out = Path(args.out or time.strftime("runs/exp3-%Y%m%d-%H%M%S"))
-    if (out / "last.pt").exists() and not args.resume:
-        common.fail(f"{out} already holds a run; add --resume to continue it or choose another --out")
-    try:
-        data = common.load_data(args.data, args.size, device)
-    except common.DataError as e:
-        common.fail(str(e))
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = cuda
+    args = common.parse_args(build_parser, argv, RESUMABLE)
+    policy = augment_policy(args.diffaug)
+    x0_terms = set() if args.x0_loss == "none" else {t for _, t in common.parse_loss(args.x0_loss)}
+    device, out, data = common.setup(args, __file__, [
+        (args.size % 8 == 0, f"--size {args.size} must be a multiple of 8 (the UNet halves it three times)"),
+        (policy is not None, f"--diffaug {args.diffaug}: policies are {', '.join(AUGMENTS)}"),
+        (min(args.c, args.batch_size, args.epochs, args.T, args.samples, args.eval_every) >= 1,
+         "--c, --batch-size, --epochs, --T, --samples and --eval-every must be at least 1"),
+        (0 <= args.sample_steps <= args.T, f"--sample-steps must be between 0 (ancestral) and --T {args.T}"),
+        (0 < args.beta_start <= args.beta_end < 1, "--beta-start and --beta-end need 0 < start <= end < 1"),
+        (0 <= args.ema < 1 and args.input_scale > 0, "--ema must be in [0, 1) and --input-scale above 0"),
+        (not x0_terms or args.objective != "eps", "--x0-loss needs --objective x0 or v (with eps the predicted "
+         "clean map divides the network's error by sqrt(alpha_bar), near 0 at large t)"),
+        (args.target == "label" or not {"cc", "kl"} & x0_terms,
+         f"--x0-loss {args.x0_loss}: cc and kl compare maps, so they need --target label")])
 
     diffusion, unit = Diffusion(args), common.to_unit
     model = UNet(args.c, args.norm, args.attn).to(device)
@@ -423,28 +464,17 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
     net, ema_net = (torch.compile(model), torch.compile(ema)) if args.compile else (model, ema)  # `model`, `ema` save
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.betas), fused=cuda or None)
-    start, step, best, seconds, kept = 0, 0, {"val_l1": math.inf, "epoch": 0}, 0.0, []
-    out.mkdir(parents=True, exist_ok=True)
-    if args.resume and (out / "last.pt").exists():
-        ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-        for part, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
-            part.load_state_dict(ck[key])
-        torch.set_rng_state(ck["rng"]["cpu"])
-        if ck["rng"]["cuda"] and cuda:
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        start, step, best, seconds = ck["epoch"], ck["step"], ck["best"], ck["seconds"]
-        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        kept = [ln + "\n" for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= start]  # not after last.pt
-        print(f"resume: {out} from epoch {start} (best val L1 {best['val_l1']:.4f} at epoch {best['epoch']})")
-    (out / "metrics.jsonl").write_text("".join(kept))
-    (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    opt = make_optimizer(model.parameters(), "adam", args.lr, args.betas, 0.0, device)
+    states = {"model": model, "ema": ema, "optimizer": opt}  # what last.pt saves, by name
+    ck = start_or_resume(args, out, states)
+    start, step, best, seconds = ck["epoch"], ck.get("step", 0), ck["best"], ck["seconds"]
     n_params = sum(p.numel() for p in model.parameters())
     sampler = f"DDIM-{args.sample_steps}" if args.sample_steps else f"ancestral DDPM-{args.T}"
     base = common.baseline_metrics(unit(data.train_y), unit(data.val_y))
     print(f"exp3: diffusion UNet c={args.c} norm={args.norm} attn={args.attn}, {n_params / 1e6:.2f} M parameters, "
-          f"objective {args.objective}, {args.schedule} schedule T={args.T}, sampler {sampler} x{args.samples}, "
-          f"Adam lr {args.lr}, on {device}; run folder {out}")
+          f"objective {args.objective}" + (f" + {args.x0_loss} on x0" if x0_terms else "") + f", {args.schedule} "
+          f"schedule T={args.T}, sampler {sampler} x{args.samples}, Adam lr {args.lr}, on "
+          f"{common.device_name(device)}; run folder {out}")
     print("baselines (val): " + " | ".join(f"{k} L1 {m['l1']:.4f} CC {m['cc']:.3f}" for k, m in base.items()))
 
     status, epoch = "ok", start
@@ -457,15 +487,18 @@ def main(argv=None):
                 print(f"epoch {epoch}: the loss became {train_loss}; the run diverged")
                 break
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss(net, data, diffusion, args),
-                   "train_l1": None, "val_l1": None, "val_cc": None}
+                   "train_l1": None, **{"val_" + k: None for k in common.METRICS_ROW}}
+            text = f"train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}"
             if epoch % args.eval_every == 0 or epoch == args.epochs:  # sample maps with the EMA weights
                 t1 = time.perf_counter()
-                pred = predict(ema_net, data.val_x, diffusion, args, args.sample_steps, args.samples)
+                pred = predict(ema_net, data.val_x, diffusion, args, args.sample_steps, args.samples)[0]
                 ms, val = (time.perf_counter() - t1) * 1e3 / len(pred), common.map_metrics(unit(pred), unit(data.val_y))
-                train = predict(ema_net, data.train_x[:TRAIN_EVAL], diffusion, args, args.sample_steps, args.samples)
+                train = predict(ema_net, data.train_x[:TRAIN_EVAL], diffusion, args, args.sample_steps, args.samples)[0]
                 row.update(train_l1=common.l1_metrics(unit(train), unit(data.train_y[:TRAIN_EVAL]))["l1"],
-                           val_l1=val["l1"], val_cc=val["cc"])
-                common.save_grid(out / "samples" / f"epoch{epoch:04d}.png", [data.val_x[:8], data.val_y[:8], pred[:8]])
+                           **{"val_" + k: val[k] for k in common.METRICS_ROW})
+                text += "  " + common.metrics_text(val)
+                common.save_grid(out / "samples" / f"epoch{epoch:04d}.png", [data.val_x[:8], data.val_y[:8], pred[:8]],
+                                 ["photo", "true map", f"mean of {args.samples}"])
                 if val["l1"] < best["val_l1"]:
                     best = {"epoch": epoch, **{"val_" + k: v for k, v in val.items()}, "train_l1": row["train_l1"],
                             "sample_ms_per_map": ms}
@@ -473,32 +506,15 @@ def main(argv=None):
                                  "experiment": "exp3_diffusion"}, out / "best.pt")
             dt = time.perf_counter() - t0
             seconds += dt
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({**row, "seconds": dt}) + "\n")
-            save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "epoch": epoch, "step": step, "best": best, "args": vars(args), "seconds": seconds,
-                         "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}},
-                        out / "last.pt")
-            eta = (args.epochs - epoch) * seconds / epoch  # seconds: all epochs so far, resumed ones too
-            print(f"epoch {epoch:4d}/{args.epochs}  train loss {train_loss:.4f}  val loss {row['val_loss']:.4f}"
-                  + (f"  val L1 {row['val_l1']:.4f}  val CC {row['val_cc']:.3f}" if row["val_l1"] is not None else "")
-                  + f"  {dt:.1f} s/epoch  ETA {eta / 60:.1f} min" + ("  *best" if best["epoch"] == epoch else ""),
-                  flush=True)
+            save_last(out, states, args, epoch=epoch, step=step, best=best, seconds=seconds)
+            tail = common.log_epoch(out, {**row, "seconds": dt}, epoch, args.epochs, seconds, best["epoch"] == epoch)
+            print(f"epoch {epoch:4d}/{args.epochs}  {text}  {tail}", flush=True)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: python exp3_diffusion.py --out {out} --resume")
-        sys.exit(130)
+        common.interrupted(out, __file__)
 
-    final = {"experiment": "exp3_diffusion", "command": command_line(args), "status": status, "epoch": epoch,
-             "best_epoch": best["epoch"], "seconds": seconds, "params": n_params, "data": data.source,
-             **dict.fromkeys(["val_l1", "val_l1_green", "val_l1_red", "val_cc", "val_cc20", "train_l1"]),
-             "sample_ms_per_map": None, **({k: v for k, v in best.items() if k != "epoch"} if best["epoch"] else {}),
-             "sampler": sampler, "sample_steps": args.sample_steps, "samples": args.samples, "baselines": base}
-    (out / "final.json").write_text(json.dumps(final, indent=1))
-    if status != "ok":
-        sys.exit(3)
-    print(f"done: best val L1 {final['val_l1']:.4f} (median map {base['median']['l1']:.4f}), val CC "
-          f"{final['val_cc']:.3f} (mean map {base['mean']['cc']:.3f}) at epoch {best['epoch']}; train L1 "
-          f"{final['train_l1']:.4f}; {sampler}: {final['sample_ms_per_map']:.1f} ms per map; {out}/final.json")
+    common.finish(out, args, build_parser, __file__, status, epoch, best, seconds, base, params=n_params,
+                  train_l1=best.get("train_l1"), sample_ms_per_map=best.get("sample_ms_per_map"), sampler=sampler,
+                  sample_steps=args.sample_steps, samples=args.samples)
 
 
 if __name__ == "__main__":
