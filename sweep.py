@@ -2,18 +2,20 @@
 
     python sweep.py exp1 --dry-run                       # the plan: coordinates, options, number of trials
     python sweep.py exp2 --epochs 100 --jobs 4           # run it; restart the same command after any crash
-    python sweep.py exp1 --epochs 20 -- --size 64 --c 16 # everything after -- goes to every trial
+    python sweep.py exp1 --epochs 20 --seeds 3 -- --size 64 --depth 4  # after --: flags for every trial
 
 Coordinate descent: start from estimated defaults; for one hyperparameter at a time, train one model for every
-option of it with the others fixed, keep the best by val L1 (or val CC), move on to the next. A configuration that
-was already trained (the incumbent reappears in every later coordinate) is not trained again.
+option of it with the others fixed (with --seeds N, N models, seeds 0 .. N-1), keep the best by mean val L1 (or val
+CC), move on to the next. A configuration that was already trained (the incumbent reappears in every later
+coordinate) is not trained again. A flag the search varies cannot be given after -- (it would silently win).
 
-Each trial is `python expN_*.py <settings> <extra args> --out DIR/<trial> --epochs E --resume`; its score is read
-from its final.json, and DIR/results.jsonl gets one line per finished trial. A restarted sweep reads that file,
-repeats no finished trial, and resumes an unfinished one from its last.pt. A trial that crashes or diverges is
-recorded with its status and never chosen.
+Each trial is `python expN_*.py <settings> <extra args> --out DIR/<trial> --epochs E [--seed S] [--resume]`; its
+score is read from its final.json, and DIR/results.jsonl gets one line per finished (trial, seed). A restarted sweep
+reads that file, repeats nothing finished, and resumes an unfinished trial from its last.pt. A trial that crashes or
+diverges is recorded with its status and never chosen. On a CPU, each of the --jobs trials gets cores / jobs threads.
 """
 import argparse
+import copy
 import ctypes
 import fcntl
 import hashlib
@@ -22,10 +24,13 @@ import json
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import common
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = {"exp1": "exp1_unet", "exp2": "exp2_gan", "exp3": "exp3_diffusion"}
@@ -70,7 +75,7 @@ SPACES = {
 def build_parser():
     p = argparse.ArgumentParser(description="Coordinate-descent hyperparameter search over one experiment, as in "
                                 "the study (§4.2). Arguments after -- are passed to every trial.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("exp", choices=list(EXPERIMENTS), help="which experiment to search")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the experiment's own)")
     p.add_argument("--full-epochs", type=int, default=None, help="epochs in the printed command that trains the "
@@ -78,7 +83,9 @@ def build_parser():
     p.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-EXP); restart with the same "
                    "folder to continue")
     p.add_argument("--jobs", type=int, default=1, help="trials of one coordinate run at once; with several GPUs "
-                   "they are spread over them, and several may share one")
+                   "they are spread over them, and several may share one; on a CPU each gets cores / jobs threads")
+    p.add_argument("--seeds", type=int, default=1, help="train every trial with seeds 0 .. N-1 and score it by the "
+                   "mean; seed 0 is the trial's plain run, so a larger N later adds seeds without repeating any")
     p.add_argument("--only", default=None, help="comma-separated coordinates to search (default: all, in order)")
     p.add_argument("--metric", choices=["val_l1", "val_cc"], default="val_l1", help="what picks the winner: "
                    "lowest val L1 or highest val CC")
@@ -107,16 +114,19 @@ def applies(coord, config):
     return all(config.get(flag) == value for flag, value in coord.get("when", {}).items())
 
 
-def score(row, metric):
-    """Smaller is better; trials that did not finish well are never chosen."""
-    if row["status"] != "ok" or row.get(metric) is None:
+def score(rows, metric):
+    """A trial's score from its rows (one per seed): the mean metric, smaller is better (val CC negated); a trial
+    with an unfinished, failed or diverged seed is never chosen."""
+    if not rows or any(r["status"] != "ok" or r.get(metric) is None for r in rows):
         return float("inf")
-    return row[metric] if metric == "val_l1" else -row[metric]
+    mean = statistics.mean(r[metric] for r in rows)
+    return mean if metric == "val_l1" else -mean
 
 
-def print_plan(exp, space, coords, epochs):
+def print_plan(exp, space, coords, epochs, seeds):
     start = as_args(space["start"])
-    print(f"{exp} sweep plan: coordinate descent, {epochs} epochs per trial; start {' '.join(start) or '(defaults)'}")
+    print(f"{exp} sweep plan: coordinate descent, {epochs} epochs per trial"
+          + (f", {seeds} seeds each" if seeds > 1 else "") + f"; start {' '.join(start) or '(defaults)'}")
     incumbent, total, conditional = dict(space["start"]), 0, 0
     for i, coord in enumerate(coords):
         new = sum(1 for o in coord["options"] if i == 0 or {**incumbent, **o} != incumbent)
@@ -127,34 +137,80 @@ def print_plan(exp, space, coords, epochs):
         total += new
         conditional += new if "when" in coord else 0
     print(f"{total} trials" + (f" ({total - conditional} if the conditional coordinates do not apply)"
-                               if conditional else ""))
+                               if conditional else "")
+          + (f", {total * seeds} runs with {seeds} seeds" if seeds > 1 else ""))
+
+
+def check_extra(parser, extra, coords, space, seeds):
+    """The flags after --, as the experiment's parser reads them: refuses a flag that a searched coordinate varies
+    (appended after the trial's settings it would win, and the trials' names would lie) or that the sweep sets
+    itself, and returns the start settings without those that -- replaces."""
+    flag_dest = {flag: action.dest for action in parser._actions for flag in action.option_strings}
+    quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for action in parser._actions:  # a copy of the parser that parses without defaults
+        if action.option_strings and action.dest != "help":
+            quiet._add_action(copy.copy(action)).default = argparse.SUPPRESS
+    given, unknown = quiet.parse_known_args(extra)
+    if unknown:
+        common.fail(f"after --: {parser.prog} does not take {' '.join(unknown)}")
+    given = vars(given)
+    own = {"out": "the sweep's --out", "epochs": "the sweep's --epochs", "resume": "the sweep itself"}
+    if seeds > 1:
+        own["seed"] = "the sweep's --seeds"
+    for dest, by in own.items():
+        if dest in given:
+            common.fail(f"after --: --{dest.replace('_', '-')} is set by {by}; leave it out after --")
+    for coord in coords:
+        for flag in {f for option in coord["options"] for f in option}:
+            if flag not in flag_dest:
+                common.fail(f"coordinate {coord['name']}: {parser.prog} has no flag {flag}")
+            if flag_dest[flag] in given:
+                common.fail(f"after --: {flag} is what the sweep's coordinate '{coord['name']}' varies; leave it "
+                            f"out after -- (or leave the coordinate out with --only)")
+    replaced = [f for f in space["start"] if flag_dest.get(f) in given]
+    if replaced:
+        print(f"start: {', '.join(replaced)} replaced by the value after --")
+    return {f: v for f, v in space["start"].items() if f not in replaced}
+
+
+def cpu_threads(jobs):
+    """Threads for each of `jobs` CPU trials running at once: an even share of this process's cores, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // jobs), cores
 
 
 class Runner:
-    """Launches trials as subprocesses, at most `jobs` at once, spread over the visible GPUs."""
+    """Launches trials as subprocesses, at most `jobs` at once, spread over the visible GPUs (on a CPU: each with
+    an even share of the cores as its thread count)."""
 
     def __init__(self, args, script, extra, out):
         self.args, self.script, self.extra, self.out = args, script, extra, out
         self.gpus = [] if args.launcher else visible_gpus()
+        self.threads = cpu_threads(args.jobs)[0] if not self.gpus and not args.launcher else None
         self.running = {}  # key -> (Popen, trial, started, gpu)
 
     def start(self, trial):
         folder = self.out / trial["name"]
         folder.mkdir(parents=True, exist_ok=True)
+        resume = ["--resume"] if (folder / "last.pt").exists() else []  # continue an unfinished trial
+        seed = ["--seed", str(trial["seed"])] if trial["seed"] else []
         cmd = shlex.split(self.args.launcher) + [sys.executable, str(HERE / self.script), *as_args(trial["config"]),
-                                                 *self.extra, "--out", str(folder), "--epochs", str(trial["epochs"]),
-                                                 "--resume"]
-        env, gpu = dict(os.environ), None
+                                                 *self.extra, *seed, "--out", str(folder), "--epochs",
+                                                 str(trial["epochs"]), *resume]
+        env, prefix = dict(os.environ), {}
         if self.gpus:  # the GPU with the fewest trials on it
             gpu = min(self.gpus, key=lambda g: sum(1 for *_, used in self.running.values() if used == g))
-            env["CUDA_VISIBLE_DEVICES"] = gpu
+            prefix = {"CUDA_VISIBLE_DEVICES": gpu}
+        elif self.threads:
+            prefix = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        env.update(prefix)
         log = open(folder / "sweep.log", "a")
-        log.write(f"$ {f'CUDA_VISIBLE_DEVICES={gpu} ' if gpu else ''}{shlex.join(cmd)}\n")
+        log.write(f"$ {''.join(f'{k}={v} ' for k, v in prefix.items())}{shlex.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
                                 preexec_fn=die_with_parent)
         log.close()
-        self.running[trial["key"]] = (proc, trial, time.time(), gpu)
+        self.running[trial["key"]] = (proc, trial, time.time(), prefix.get("CUDA_VISIBLE_DEVICES"))
 
     def wait_one(self):
         """Block until a trial ends; returns its results row."""
@@ -190,9 +246,10 @@ def result_row(trial, returncode, seconds, out):
     final_path = out / trial["name"] / "final.json"
     final = json.loads(final_path.read_text()) if final_path.exists() and returncode in (0, 3) else {}
     status = final.get("status") or f"crashed (exit {returncode})"
-    return {"trial": trial["name"], "key": trial["key"], "coordinate": trial["coordinate"], "option": trial["label"],
-            "args": as_args(trial["config"]), "status": status, "val_l1": final.get("val_l1"),
-            "val_cc": final.get("val_cc"), "seconds": round(seconds, 1), "epochs": trial["epochs"]}
+    return {"trial": trial["name"], "key": trial["key"], "config": trial["config_key"], "seed": trial["seed"],
+            "coordinate": trial["coordinate"], "option": trial["label"], "args": as_args(trial["config"]),
+            "status": status, "val_l1": final.get("val_l1"), "val_cc": final.get("val_cc"),
+            "seconds": round(seconds, 1), "epochs": trial["epochs"]}
 
 
 def main(argv=None):
@@ -201,53 +258,57 @@ def main(argv=None):
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     module = EXPERIMENTS[args.exp]
     if not (HERE / f"{module}.py").exists():
-        sys.exit(f"error: {module}.py not found next to sweep.py")
-    defaults = importlib.import_module(module).build_parser()
-    epochs = args.epochs or defaults.get_default("epochs")
+        common.fail(f"{module}.py not found next to sweep.py")
+    parser = importlib.import_module(module).build_parser()
+    parser.prog = f"{module}.py"
+    epochs = args.epochs or parser.get_default("epochs")
     try:
         space = json.loads(Path(args.space).read_text()) if args.space else SPACES[args.exp]
         coords = [c for c in space["coordinates"] if not args.only or c["name"] in args.only.split(",")]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        sys.exit(f"error: --space {args.space}: not a readable search space ({type(e).__name__}: {e})")
+        common.fail(f"--space {args.space}: not a readable search space ({type(e).__name__}: {e})")
     known = [c["name"] for c in space["coordinates"]]
     unknown = sorted(set(args.only.split(",")) - set(known)) if args.only else []
     if unknown:
-        sys.exit(f"error: --only {args.only}: unknown coordinate {', '.join(unknown)} (known: {', '.join(known)})")
-    if args.jobs < 1 or epochs < 1:
-        sys.exit("error: --jobs and --epochs must be at least 1")
-    print_plan(args.exp, space, coords, epochs)
+        common.fail(f"--only {args.only}: unknown coordinate {', '.join(unknown)} (known: {', '.join(known)})")
+    if min(args.jobs, epochs, args.seeds) < 1:
+        common.fail("--jobs, --epochs and --seeds must be at least 1")
+    space = {**space, "start": check_extra(parser, extra, coords, space, args.seeds)}
+    print_plan(args.exp, space, coords, epochs, args.seeds)
     if args.dry_run:
         return
-    out = Path(args.out or f"runs/sweep-{args.exp}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.writable_folder(args.out or f"runs/sweep-{args.exp}")
     lock = open(out / ".lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        sys.exit(f"error: another sweep is running in {out}")
+        common.fail(f"another sweep is running in {out}")
     results_path = out / "results.jsonl"
     done = {}
     if results_path.exists():
         for line in results_path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                done[row["key"]] = row
-        print(f"sweep: {len(done)} finished trials in {results_path} will not run again")
+                done[row["key"]] = {"seed": 0, "config": row["key"], **row}  # rows of sweeps before --seeds
+        print(f"sweep: {len(done)} finished runs in {results_path} will not run again")
     runner = Runner(args, f"{module}.py", extra, out)
+    if runner.threads:
+        print(f"sweep: CPU trials, {args.jobs} at once with {runner.threads} thread(s) each "
+              f"({cpu_threads(args.jobs)[1]} cores)")
     try:
-        best_row = descend(args, space, coords, epochs, runner, done, results_path)
+        best_rows = descend(args, space, coords, epochs, runner, done, results_path)
     except KeyboardInterrupt:
         for proc, *_ in runner.running.values():
             proc.kill()
         print(f"\ninterrupted; finished trials are kept in {results_path}: run the same command again to continue")
         sys.exit(130)
-    report(args, module, out, done, best_row, extra, args.full_epochs or defaults.get_default("epochs"))
+    report(args, module, out, done, best_rows, extra, args.full_epochs or parser.get_default("epochs"))
 
 
 def descend(args, space, coords, epochs, runner, done, results_path):
-    """Coordinate descent: train every option of one coordinate (those not in `done`), keep the best, go on.
-    Returns the results row of the final incumbent (None if nothing finished well)."""
-    incumbent, best_row = dict(space["start"]), None
+    """Coordinate descent: train every option of one coordinate (each seed, those not in `done`), keep the best by
+    the mean over seeds, go on. Returns the final incumbent's rows (None if nothing finished well)."""
+    incumbent, best_rows = dict(space["start"]), None
     t0, ran = time.time(), 0
     for coord in coords:
         if not applies(coord, incumbent):
@@ -257,12 +318,14 @@ def descend(args, space, coords, epochs, runner, done, results_path):
         for option in coord["options"]:  # the incumbent with this coordinate set to each option
             config = {**incumbent, **option}
             key, label = key_of(config), label_of(option)
-            trials.append({"key": key, "config": config, "coordinate": coord["name"], "label": label,
-                           "name": f"{coord['name']}-{label}-{key}", "epochs": epochs})
-        todo = [t for t in trials if t["key"] not in done]
-        print(f"[{coord['name']}] {len(trials)} options, {len(todo)} to train: "
-              + " | ".join(t["label"] + ("" if t in todo else " (done)") for t in trials), flush=True)
-        queue = list(todo)
+            trials.append([{"key": key + (f"-s{seed}" if seed else ""), "config_key": key, "config": config,
+                            "seed": seed, "coordinate": coord["name"], "label": label, "epochs": epochs,
+                            "name": f"{coord['name']}-{label}-{key}" + (f"-s{seed}" if seed else "")}
+                           for seed in range(args.seeds)])
+        queue = [run for runs in trials for run in runs if run["key"] not in done]
+        print(f"[{coord['name']}] {len(trials)} options, {len(queue)} runs to train: "
+              + " | ".join(runs[0]["label"] + ("" if any(r in queue for r in runs) else " (done)") for runs in trials),
+              flush=True)
         while queue or runner.running:
             while queue and len(runner.running) < args.jobs:
                 runner.start(queue.pop(0))
@@ -275,39 +338,62 @@ def descend(args, space, coords, epochs, runner, done, results_path):
             ran += 1
             left = len(queue) + len(runner.running)
             eta = (time.time() - t0) / ran * left / args.jobs
-            shown = f"val L1 {row['val_l1']:.4f} CC {row['val_cc']:.3f}" if row["status"] == "ok" else row["status"]
-            print(f"  {row['coordinate']}={row['option']}: {shown} ({row['seconds']:.0f} s); "
-                  f"{left} left in this coordinate, ETA {eta / 60:.1f} min", flush=True)
-        winner = min(trials, key=lambda t: score(done[t["key"]], args.metric))
-        if score(done[winner["key"]], args.metric) == float("inf"):
+            shown = (f"val L1 {common.fmt(row['val_l1'])} CC {common.fmt(row['val_cc'], 3)}"
+                     if row["status"] == "ok" else row["status"])
+            print(f"  {row['coordinate']}={row['option']}" + (f" seed {row['seed']}" if args.seeds > 1 else "")
+                  + f": {shown} ({row['seconds']:.0f} s); {left} left in this coordinate, ETA {eta / 60:.1f} min",
+                  flush=True)
+        rows = [[done[r["key"]] for r in runs] for runs in trials]
+        winner = min(range(len(trials)), key=lambda i: score(rows[i], args.metric))
+        if score(rows[winner], args.metric) == float("inf"):
             print(f"[{coord['name']}] no trial finished well; keeping the incumbent")
             continue
-        incumbent, best_row = winner["config"], done[winner["key"]]
-        print(f"[{coord['name']}] best: {winner['label']} ({args.metric} {best_row[args.metric]:.4f})", flush=True)
-    return best_row
+        incumbent, best_rows = trials[winner][0]["config"], rows[winner]
+        print(f"[{coord['name']}] best: {trials[winner][0]['label']} ({args.metric} "
+              f"{abs(score(best_rows, args.metric)):.4f}" + (f", mean of {args.seeds} seeds" if args.seeds > 1 else "")
+              + ")", flush=True)
+    return best_rows
 
 
-def report(args, module, out, done, best_row, extra, full_epochs):
-    """The leaderboard (every trial, best first), best.json, and the command that trains the winner in full."""
-    rows = sorted(done.values(), key=lambda r: score(r, args.metric))
-    lines = ["| rank | trial | setting | status | val L1 | val CC | seconds |", "|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(rows, 1):
-        fmt = lambda v, d: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
-        lines.append(f"| {i} | {r['trial']} | {r['coordinate']}={r['option']} | {r['status']} | "
-                     f"{fmt(r['val_l1'], 4)} | {fmt(r['val_cc'], 3)} | {r['seconds']:.0f} |")
+def summary(rows, metric):
+    """"mean +- sd" of a metric over a trial's seeds ("—" when a seed has none)."""
+    values = [r.get(metric) for r in rows]
+    if not values or None in values:
+        return "—"
+    digits = 4 if metric == "val_l1" else 3
+    sd = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{sd}"
+
+
+def report(args, module, out, done, best_rows, extra, full_epochs):
+    """The leaderboard (every trial, best first, mean +- sd over its seeds), best.json, and the command that trains
+    the winner in full."""
+    trials = {}
+    for row in done.values():
+        trials.setdefault(row["config"], []).append(row)
+    ranked = sorted(trials.values(), key=lambda rows: score(rows, args.metric))
+    lines = ["| rank | trial | setting | seeds | status | val L1 | val CC | seconds |", "|---" * 8 + "|"]
+    for i, rows in enumerate(ranked, 1):
+        rows.sort(key=lambda r: r["seed"])
+        status = ", ".join(sorted({r["status"] for r in rows}))
+        lines.append(f"| {i} | {rows[0]['trial']} | {rows[0]['coordinate']}={rows[0]['option']} | {len(rows)} | "
+                     f"{status} | {summary(rows, 'val_l1')} | {summary(rows, 'val_cc')} | "
+                     f"{sum(r['seconds'] for r in rows):.0f} |")
     table = "\n".join(lines)
     (out / "leaderboard.md").write_text(table + "\n")
     print("\n" + table)
-    if best_row is None:
+    if best_rows is None:
         print("\nno trial finished well; no best.json")
         return
-    command = shlex.join(["python", f"{module}.py", *best_row["args"], *extra, "--epochs", str(full_epochs)])
-    best = {"experiment": module, "metric": args.metric, "trial": best_row["trial"], "args": best_row["args"],
-            "val_l1": best_row["val_l1"], "val_cc": best_row["val_cc"], "epochs": best_row["epochs"],
-            "command": command}
+    top = best_rows[0]
+    command = shlex.join(["python", f"{module}.py", *top["args"], *extra, "--epochs", str(full_epochs)])
+    best = {"experiment": module, "metric": args.metric, "trial": top["trial"], "args": top["args"],
+            "seeds": len(best_rows), "val_l1": statistics.mean(r["val_l1"] for r in best_rows),
+            "val_cc": statistics.mean(r["val_cc"] for r in best_rows), "epochs": top["epochs"], "command": command}
     (out / "best.json").write_text(json.dumps(best, indent=1) + "\n")
-    print(f"\nbest: {best_row['trial']} (val L1 {best_row['val_l1']:.4f}, CC {best_row['val_cc']:.3f}); "
-          f"{out}/best.json\ntrain it in full with:\n  {command}")
+    print(f"\nbest: {top['trial']} (val L1 {summary(best_rows, 'val_l1')}, CC {summary(best_rows, 'val_cc')}"
+          + (f", {len(best_rows)} seeds" if len(best_rows) > 1 else "") + f"); {out}/best.json\n"
+          f"train it in full with:\n  {command}")
 
 
 if __name__ == "__main__":
