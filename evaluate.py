@@ -1,48 +1,64 @@
-"""Compare trained runs: every number and figure of the study's results chapter, honest about the baselines.
+"""Compare trained runs: every number and figure of the study's results chapter, honest about baselines and noise.
 
     python evaluate.py runs/exp1 runs/exp2 runs/exp3 --out runs/eval      # tables and figures
-    python evaluate.py runs/sweep-exp1                                     # a sweep folder: all its trials
+    python evaluate.py runs/cmp/u-base-s* runs/cmp/u-l2-s*                 # seeds grouped, differences with CIs
+    python evaluate.py runs/d --samples 1 4 16 --sample-steps 1 5 10       # a diffusion run's samples x steps table
     python evaluate.py --predict runs/exp1 --images a.jpg b.png --out maps # maps for your own photos
 
-For every run (its best.pt) and for the constant baselines (all-black, mean map, median map) on the same split and
-size: L1 (overall, green = true VMS, red = false VMS), Pearson CC (combined, per channel, native and 20x20), the
-train-vs-val L1 gap, per-category L1 and CC, inference time per map (batch 1 and batched), and FID between
-predicted and true maps when the FID weights are available. Writes results.md, results.json and PNG figures.
+For every run (its best.pt), on the data it was trained on, and for the constant baselines (all-black, mean map,
+median map) on the same split and size: L1 (overall, green = true VMS, red = false VMS), Pearson CC (combined, per
+channel, native and 20x20), the train-vs-val L1 gap, per-category L1 and CC, inference time per map (batch 1 and
+batched), FID between predicted and true maps when the FID weights are available, and for diffusion runs with
+several samples the uncertainty: how well the per-pixel spread of the samples predicts the error. Runs that differ
+only in --seed form one row (mean +- sd); each row's difference to a reference row gets a 95% paired bootstrap
+interval. Writes results.md, results.json and PNG figures.
 """
 import argparse
 import importlib
 import json
 import math
-import sys
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 import common
 
 EXPERIMENTS = ("exp1_unet", "exp2_gan", "exp3_diffusion")
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+NOT_SETTINGS = {"seed", "out", "resume"}  # what may differ between the runs of one row
+COLUMNS = [("l1", 4), ("l1_green", 4), ("l1_red", 4), ("cc", 3), ("cc_green", 3), ("cc_red", 3), ("cc20", 3),
+           ("train_l1", 4), ("gap_l1", 4), ("fid", 1), ("ms_per_map_batched", 2), ("ms_per_map_batch1", 1)]
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate trained runs against each other and the constant baselines, "
                                 "or predict maps for your own images (--predict).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("runs", nargs="*", help="run folders (with best.pt), or sweep folders meaning all their trials")
-    p.add_argument("--data", default=None, help="VISCHEMA PLUS folder (default: the data each run was trained on)")
+    p.add_argument("--data", default=None, help="VISCHEMA PLUS folder for runs that do not record their data (older "
+                   "runs) or whose recorded folder has moved; a run is never scored on other data than its own")
     p.add_argument("--split", choices=["val", "train"], default="val", help="the split the tables report")
     p.add_argument("--out", default="runs/eval", help="where results.md, results.json and the figures go")
     p.add_argument("--inception-weights", default=None, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                    "(default: the torch hub cache); without it FID is reported as unavailable")
-    p.add_argument("--sample-steps", type=int, default=None, help="diffusion runs: DDIM steps (0: ancestral over "
-                   "all T; default: the run's own setting)")
-    p.add_argument("--samples", type=int, default=None, help="diffusion runs: samples averaged per map "
-                   "(default: the run's own setting)")
+    p.add_argument("--sample-steps", type=int, nargs="+", default=None, help="diffusion runs: DDIM steps, one value "
+                   "or several (0: ancestral over all T); default: the run's own")
+    p.add_argument("--samples", type=int, nargs="+", default=None, help="diffusion runs: samples averaged per map, "
+                   "one value or several (every combination with --sample-steps is a row); default: the run's own")
+    p.add_argument("--max-evals", type=int, default=None, help="diffusion runs: skip combinations whose network "
+                   "evaluations per map (samples x steps) exceed this")
+    p.add_argument("--tta", choices=["none", "flip"], default=None, help="exp1/exp2 runs: flip-averaged predictions "
+                   "or not (default: each run's own --tta)")
+    p.add_argument("--no-group", action="store_true", help="one row per run, even for runs that differ only in seed")
+    p.add_argument("--reference", default=None, help="the run (folder or name) whose row the others are compared "
+                   "with (default: the first run given)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the paired bootstrap (at least 1000)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--rows", type=int, default=6, help="val images shown in the comparison figures")
     p.add_argument("--predict", metavar="RUN", default=None, help="predict maps for --images with RUN's best.pt")
@@ -64,24 +80,59 @@ def expand_runs(paths):
     return runs
 
 
-def experiment_of(run):
-    """Which experiment made a run: final.json says so, else best.pt."""
-    final = run / "final.json"
-    name = json.loads(final.read_text()).get("experiment") if final.exists() else None
-    name = name or torch.load(run / "best.pt", map_location="cpu", weights_only=True).get("experiment")
+def read_run(run):
+    """(settings, final.json, experiment) of a run folder: args.json, else the args in best.pt."""
+    read = lambda name: json.loads((run / name).read_text()) if (run / name).exists() else {}  # noqa: E731
+    saved, final = read("args.json"), read("final.json")
+    name = final.get("experiment")
+    if not saved or name is None:
+        ck = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+        saved, name = saved or ck.get("args", {}), name or ck.get("experiment")
     if name not in EXPERIMENTS:
         common.fail(f"{run}: cannot tell which experiment made it (no 'experiment' in final.json or best.pt)")
-    return name
+    return saved, final, name
 
 
-def load_predictor(run, device, sample_steps=None, samples=None):
-    """(predict_fn, args, experiment): predict_fn maps photos in [-1, 1] to maps in [-1, 1]."""
-    name = experiment_of(run)
+def data_of(run, saved, override):
+    """The data a run is evaluated on: what it recorded (a folder or "synthetic"). --data stands in for runs that
+    recorded none, or whose folder is gone; naming other data than an existing recorded folder is refused."""
+    recorded = saved.get("data")
+    if override is None or recorded == override:
+        return recorded
+    if recorded == common.SYNTHETIC or (recorded and Path(recorded).is_dir()):
+        if not common.same_data(recorded, override):
+            common.fail(f"{run} was trained on {recorded}, not on --data {override}; leave out --data to evaluate it "
+                        "on its own data")
+        return recorded
+    if recorded:
+        print(f"{run}: its data folder {recorded} is gone; using --data {override}")
+    return override
+
+
+def split_of(data, split):
+    """(photos, maps, names) of the split the tables report."""
+    return (data.val_x, data.val_y, data.val_names) if split == "val" else \
+        (data.train_x, data.train_y, data.train_names)
+
+
+def combinations(name, saved, args):
+    """The sampler settings to evaluate a run with: [(steps, samples)] for diffusion runs, [(None, None)] else."""
+    if name != "exp3_diffusion":
+        return [(None, None)]
+    steps = args.sample_steps or [saved.get("sample_steps", 50)]
+    samples = args.samples or [saved.get("samples", 1)]
+    combos = [(s, k) for s in steps for k in samples if not args.max_evals or k * (s or saved.get("T", 1000))
+              <= args.max_evals]
+    return combos or common.fail(f"--max-evals {args.max_evals}: no samples x steps combination fits")
+
+
+def load_predictor(run, name, device, combo, tta):
+    """(predict_fn, args): predict_fn maps photos in [-1, 1] to (maps in [-1, 1], per-pixel std or None)."""
     module = importlib.import_module(name)
-    options = {k: v for k, v in (("sample_steps", sample_steps), ("samples", samples)) if v is not None}
-    predict, args = module.load_predictor(run, device, **options) if name == "exp3_diffusion" else \
-        module.load_predictor(run, device)
-    return predict, args, name
+    if name == "exp3_diffusion":
+        return module.load_predictor(run, device, combo[0], combo[1], with_std=True)
+    predict, run_args = module.load_predictor(run, device, tta)
+    return (lambda images: (predict(images), None)), run_args
 
 
 def timed(fn, *a, device, **kw):
@@ -95,48 +146,122 @@ def timed(fn, *a, device, **kw):
     return out, time.perf_counter() - t0
 
 
-def per_image_cc(pred, true):
-    """Pearson CC of the combined (red + green) maps, per image (nan where the true map is flat)."""
-    p, t = (m[:, 0] + m[:, 1] for m in (pred, true))
-    flat = t.flatten(1).amax(1) - t.flatten(1).amin(1) < common.FLAT
-    return torch.where(flat, torch.tensor(float("nan"), dtype=torch.float64), common.pearson(p.flatten(1),
-                                                                                             t.flatten(1)))
+def uncertainty_cc(std, pred, true):
+    """Pearson correlation, over every pixel of the red and green channels of the split, between the samples'
+    per-pixel standard deviation and the per-pixel absolute error of their mean (all on [0, 1])."""
+    error = (pred - true).abs()[:, :2].flatten()
+    return common.pearson(std[:, :2].flatten()[None], error[None]).item()
 
 
-def evaluate_run(run, data, args, device, inception):
-    """Metrics, timing, FID and the predictions (on [0, 1]) of one run on data (VMSData)."""
-    predict, run_args, name = load_predictor(run, device, args.sample_steps, args.samples)
-    x, y = (data.val_x, data.val_y) if args.split == "val" else (data.train_x, data.train_y)
+def evaluate_run(run, data, size, args, device, inception, combo):
+    """One row: the metrics, timing, FID and per-image values of a run on `data` with sampler settings `combo`, and
+    its predictions (on [0, 1]) and sample spread (or None)."""
+    saved, final, name = read_run(run)
+    tta = args.tta if name != "exp3_diffusion" else None
+    predict, run_args = load_predictor(run, name, device, combo, tta)
+    x, y, names = split_of(data, args.split)
     predict(x[:2])                                                      # warm-up (cudnn, allocator, lazy init)
-    pred, seconds = timed(predict, x, device=device)
+    (pred, std), seconds = timed(predict, x, device=device)
     one = [timed(predict, x[i:i + 1], device=device)[1] for i in range(min(10, len(x)))]
     pred, true = common.to_unit(pred.float()).cpu(), common.to_unit(y).cpu()
     m = common.map_metrics(pred, true)
-    train_pred = pred if args.split == "train" else common.to_unit(predict(data.train_x).float()).cpu()
-    m["train_l1"] = common.l1_metrics(train_pred, common.to_unit(data.train_y).cpu())["l1"]
-    m["gap_l1"] = m["l1"] - m["train_l1"]
+    single = len(combinations(name, saved, args)) == 1                  # a grid of sampler settings skips train L1
+    if single:
+        train = pred if args.split == "train" else common.to_unit(predict(data.train_x)[0].float()).cpu()
+        m["train_l1"] = common.l1_metrics(train, common.to_unit(data.train_y).cpu())["l1"]
+    m["gap_l1"] = m["l1"] - m["train_l1"] if single else None
     m["ms_per_map_batched"] = 1000 * seconds / len(x)
     m["ms_per_map_batch1"] = 1000 * float(np.median(one))
     m["fid"] = common.fid(inception, pred, true) if inception is not None else None
-    final = json.loads((run / "final.json").read_text()) if (run / "final.json").exists() else {}
-    names = data.val_names if args.split == "val" else data.train_names
+    std = std.float().cpu() / 2 if std is not None and combo[1] > 1 else None  # on the [0, 1] scale
+    m["uncertainty_cc"] = uncertainty_cc(std, pred, true) if std is not None else None
     cats = {}
     for i, n in enumerate(names):
         cats.setdefault(data.categories.get(n, "?"), []).append(i)
     per_cat = {c: {**common.l1_metrics(pred[i], true[i]), "cc": common.cc_metrics(pred[i], true[i])["cc"],
                    "n": len(i)} for c, i in sorted(cats.items())} if data.categories else {}
-    row = {"run": run.name, "path": str(run), "experiment": name, "command": final.get("command", ""),
-           "epochs": final.get("epoch"), "best_epoch": final.get("best_epoch"), "status": final.get("status"),
-           "params": final.get("params"), "metrics": m, "per_category": per_cat,
-           "metrics_file": str(run / "metrics.jsonl")}
-    print(f"{run}: {name}, {args.split} L1 {m['l1']:.4f} CC {m['cc']:.3f} gap {m['gap_l1']:+.4f}, "
-          f"{m['ms_per_map_batched']:.2f} ms/map batched, {m['ms_per_map_batch1']:.1f} ms/map alone", flush=True)
-    return row, pred, per_image_cc(pred, true)
+    label = run.name + (f" (DDIM-{combo[0]}" if combo[0] else " (ancestral" if combo[0] == 0 else "") + \
+        (f", {combo[1]} samples)" if combo[0] is not None else "") + (" +flip" if tta == "flip" else "")
+    per_image = {k: v.numpy() for k, v in common.per_image_metrics(pred, true).items() if k in ("l1", "cc")}
+    row = {"run": label, "path": str(run), "experiment": name, "command": final.get("command", ""),
+           "seed": saved.get("seed"), "epochs": final.get("epoch"), "best_epoch": final.get("best_epoch"),
+           "status": final.get("status"), "params": final.get("params"), "data": f"{data.source}, {size} px",
+           "sampler": {"sample_steps": combo[0], "samples": combo[1]} if combo[0] is not None else None,
+           "tta": getattr(run_args, "tta", None) if tta is None else tta, "metrics": m, "per_category": per_cat,
+           "metrics_file": str(run / "metrics.jsonl"),
+           "group_key": settings_key(name, f"{data.source}, {size} px", saved, combo, tta)}
+    print(f"{label}: {name}, {args.split} L1 {m['l1']:.4f} CC {m['cc']:.3f} (green {m['cc_green']:.3f}, red "
+          f"{m['cc_red']:.3f}), {m['ms_per_map_batched']:.2f} ms/map batched, {m['ms_per_map_batch1']:.1f} ms/map "
+          "alone" + (f", uncertainty CC {m['uncertainty_cc']:.3f}" if std is not None else ""), flush=True)
+    return row, pred, std, per_image
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def settings_key(experiment, data, saved, combo, tta):
+    """What makes runs one row: the experiment, the data, every setting but --seed (and the run folder), and how it
+    was evaluated (sampler, flip averaging)."""
+    settings = {k: v for k, v in saved.items() if k not in NOT_SETTINGS}
+    return json.dumps([experiment, data, settings, combo, tta], sort_keys=True, default=str)
+
+
+def group_rows(rows, per_image, no_group=False):
+    """Rows that differ only in --seed (same experiment, data, settings and sampler) form one group: a dict with
+    the runs' rows, the mean and sd of every metric, and the per-image values stacked (seeds x images)."""
+    groups = {}
+    for row, values in zip(rows, per_image):
+        key = row["path"] if no_group else row["group_key"]
+        groups.setdefault(key, {"rows": [], "per_image": []})
+        groups[key]["rows"].append(row)
+        groups[key]["per_image"].append(values)
+    out = []
+    for g in groups.values():
+        first = g["rows"][0]
+        name = re.sub(r"[-_]s(eed)?\d+(?=$| \()", "", first["run"]) if len(g["rows"]) > 1 else first["run"]
+        mean, sd = {}, {}
+        for key in {k for r in g["rows"] for k in r["metrics"]}:
+            values = [r["metrics"].get(key) for r in g["rows"]]
+            ok = [v for v in values if isinstance(v, (int, float)) and v is not None and math.isfinite(v)]
+            mean[key] = float(np.mean(ok)) if len(ok) == len(values) else None
+            sd[key] = float(np.std(ok, ddof=1)) if len(ok) == len(values) and len(ok) > 1 else None
+        out.append({"name": name, "rows": g["rows"], "n": len(g["rows"]), "mean": mean, "sd": sd,
+                    "seeds": [r["seed"] for r in g["rows"]], "data": first["data"],
+                    "per_image": {k: np.stack([v[k] for v in g["per_image"]]) for k in g["per_image"][0]}})
+    return out
+
+
+def paired_bootstrap(a, b, resamples=2000, seed=0):
+    """The difference mean(b) - mean(a) and its 95% percentile interval. a, b: seeds x images per-image values of
+    two rows on the same images in the same order (images with a NaN in either are left out of both). Each resample
+    draws the images with replacement, the same for a and b (paired), and each row's seeds with replacement, so the
+    interval holds image sampling and seed-to-seed spread. Returns (difference, low, high)."""
+    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
+    keep = ~(np.isnan(a).any(0) | np.isnan(b).any(0))
+    a, b = a[:, keep], b[:, keep]
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, a.shape[1], (resamples, a.shape[1]))
+    means = []
+    for m in (a, b):                                            # seeds x resamples, then resample the seeds
+        per_seed = m[:, images].mean(2)
+        seeds = rng.integers(0, len(m), (resamples, len(m)))
+        means.append(np.take_along_axis(per_seed.T, seeds, 1).mean(1))
+    low, high = np.percentile(means[1] - means[0], [2.5, 97.5])
+    return float(b.mean() - a.mean()), float(low), float(high)
+
+
+def compare(groups, reference, resamples):
+    """Each group's difference to the reference group in val L1 and CC, with its bootstrap interval."""
+    for g in groups:
+        g["vs_reference"] = {}
+        if g is reference or g["data"] != reference["data"]:
+            continue
+        for key in ("l1", "cc"):
+            d, low, high = paired_bootstrap(reference["per_image"][key], g["per_image"][key], resamples)
+            g["vs_reference"][key] = {"diff": d, "low": low, "high": high, "excludes_0": bool(low > 0 or high < 0)}
 
 
 # ---------------------------------------------------------------------------------------------------- figures
 def line_plot(path, series, title, ylabel, size=(720, 420)):
-    """A line chart with pillow: series is a list of (label, xs, ys); no matplotlib needed."""
+    """A line chart with pillow: series is a list of (label, epochs, values); no matplotlib needed."""
     w, h = size
     left, right, top, bottom = 70, 200, 40, 50
     im = Image.new("RGB", size, "white")
@@ -151,11 +276,13 @@ def line_plot(path, series, title, ylabel, size=(720, 420)):
     sy = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     for i in range(5):
-        yv, xv = y0 + (y1 - y0) * i / 4, x0 + (x1 - x0) * i / 4
+        yv = y0 + (y1 - y0) * i / 4
         d.line([left - 4, sy(yv), left, sy(yv)], fill="black")
         d.text((4, sy(yv) - 6), f"{yv:.4g}", fill="black")
+    step = max(1, math.ceil((x1 - x0) / 8))                          # whole epochs, each tick once
+    for xv in range(math.ceil(x0), math.floor(x1) + 1, step):
         d.line([sx(xv), h - bottom, sx(xv), h - bottom + 4], fill="black")
-        d.text((sx(xv) - 8, h - bottom + 8), f"{xv:.0f}", fill="black")
+        d.text((sx(xv) - 8, h - bottom + 8), str(xv), fill="black")
     d.text((left, 12), title, fill="black")
     d.text((w // 2 - 60, h - 20), f"epoch    ({ylabel})", fill="black")
     for k, (label, xs, ys) in enumerate(series):
@@ -171,77 +298,121 @@ def line_plot(path, series, title, ylabel, size=(720, 420)):
 
 
 def training_curves(rows, out):
-    """Train and val L1 per epoch for every run, and each GAN's losses."""
+    """Train and val L1 per epoch for every run (once per run folder), and each GAN's losses."""
     series = []
-    for r in rows:
-        lines = [json.loads(x) for x in Path(r["metrics_file"]).read_text().splitlines() if x.strip()] \
-            if Path(r["metrics_file"]).exists() else []
-        epochs = [x["epoch"] for x in lines]
-        series.append((f"{r['run']} val", epochs, [x.get("val_l1") for x in lines]))
-        series.append((f"{r['run']} train", epochs, [x.get("train_l1") for x in lines]))
+    for r in {r["path"]: r for r in rows}.values():
+        path = Path(r["metrics_file"])
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        epochs, name = [x["epoch"] for x in lines], Path(r["path"]).name
+        series.append((f"{name} val", epochs, [x.get("val_l1") for x in lines]))
+        series.append((f"{name} train", epochs, [x.get("train_l1") for x in lines]))
         if r["experiment"] == "exp2_gan":
-            line_plot(out / f"curves_gan_{r['run']}.png", [(k, epochs, [x.get(k) for x in lines])
-                                                          for k in ("g_adv", "g_l1", "d_real", "d_fake")],
-                      f"{r['run']}: GAN losses per epoch", "loss")
+            line_plot(out / f"curves_gan_{name}.png", [(k, epochs, [x.get(k) for x in lines])
+                                                      for k in ("g_adv", "g_pix", "d_real", "d_fake")],
+                      f"{name}: GAN losses per epoch", "loss")
     line_plot(out / "curves_l1.png", series, "L1 per epoch: train (augmented batches, train mode) and val",
               "L1 on [0, 1]")
 
 
 # ---------------------------------------------------------------------------------------------------- tables
-def fmt(v, digits=4):
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+def cell(g, key, digits):
+    mean, sd = g["mean"].get(key), g["sd"].get(key)
+    return common.fmt(mean, digits) + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
-def results_markdown(rows, baselines, args, fid_note, device):
-    cols = "| run | experiment | L1 | L1 green | L1 red | CC | CC green | CC red | CC20 | train L1 | gap | FID | " \
-           "ms/map batched | ms/map alone |"
-    lines = [f"Split: {args.split}; device: {device}; FID: {fid_note}", "", cols, "|" + "---|" * 14]
-    for size, base in baselines.items():
+def results_markdown(groups, baselines, args, fid_note, device, reference):
+    head = ["L1", "L1 green", "L1 red", "CC", "CC green", "CC red", "CC20", "train L1", "gap", "FID",
+            "ms/map batched", "ms/map alone"]
+    lines = [f"Split: {args.split}; device: {device}; FID: {fid_note}. Each row: the mean ± standard deviation over "
+             "its runs (n: how many, differing only in --seed).", "",
+             "| run | experiment | n | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 3)]
+    for where, base in baselines.items():
         for name, m in base.items():
-            lines.append(f"| {name} map ({size} px) | baseline | {fmt(m['l1'])} | {fmt(m['l1_green'])} | "
-                         f"{fmt(m['l1_red'])} | {fmt(m['cc'], 3)} | {fmt(m['cc_green'], 3)} | {fmt(m['cc_red'], 3)} "
-                         f"| {fmt(m['cc20'], 3)} | — | — | — | — | — |")
-    for r in rows:
-        m = r["metrics"]
-        lines.append(f"| {r['run']} | {r['experiment']} | {fmt(m['l1'])} | {fmt(m['l1_green'])} | {fmt(m['l1_red'])} "
-                     f"| {fmt(m['cc'], 3)} | {fmt(m['cc_green'], 3)} | {fmt(m['cc_red'], 3)} | {fmt(m['cc20'], 3)} "
-                     f"| {fmt(m['train_l1'])} | {m['gap_l1']:+.4f} | {fmt(m['fid'], 1)} | "
-                     f"{m['ms_per_map_batched']:.2f} | {m['ms_per_map_batch1']:.1f} |")
-    cats = sorted({c for r in rows for c in r["per_category"]})
+            lines.append(f"| {name} map ({where}) | baseline | — | " + " | ".join(
+                common.fmt(m.get(k), d) if k in m else "—" for k, d in COLUMNS) + " |")
+    for g in groups:
+        lines.append(f"| {g['name']} | {g['rows'][0]['experiment']} | {g['n']} | "
+                     + " | ".join(cell(g, k, d) for k, d in COLUMNS) + " |")
+    lines += ["", f"Differences to **{reference['name']}** (row minus reference; 95% paired bootstrap interval over "
+              f"the {args.split} images and the rows' seeds, {args.bootstrap} resamples; *real*: the interval "
+              "excludes 0):", "", "| run | n | ΔL1 | 95% interval | real | ΔCC | 95% interval | real |",
+              "|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        if g["vs_reference"]:
+            c = [g["vs_reference"][k] for k in ("l1", "cc")]
+            lines.append(f"| {g['name']} | {g['n']} | " + " | ".join(
+                f"{x['diff']:+.4f} | [{x['low']:+.4f}, {x['high']:+.4f}] | {'yes' if x['excludes_0'] else 'no'}"
+                for x in c) + " |")
+    unc = [g for g in groups if g["mean"].get("uncertainty_cc") is not None]
+    if unc:
+        lines += ["", "Uncertainty of diffusion runs: Pearson correlation between the per-pixel standard deviation "
+                  "of the samples and the per-pixel |error| of their mean (red and green channels, every pixel):", "",
+                  "| run | n | uncertainty CC |", "|---|---|---|"]
+        lines += [f"| {g['name']} | {g['n']} | {cell(g, 'uncertainty_cc', 3)} |" for g in unc]
+    grid = {}
+    for g in groups:
+        sampler = g["rows"][0]["sampler"]
+        if sampler:
+            grid.setdefault(re.sub(r" \(.*", "", g["name"]), {})[(sampler["samples"], sampler["sample_steps"])] = g
+    for run, cells in grid.items():
+        if len(cells) > 1:
+            steps = sorted({s for _, s in cells})
+            lines += ["", f"{run}: samples (rows) x DDIM steps (columns): L1 / CC / ms per map (batched)", "",
+                      "| samples | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+            for k in sorted({k for k, _ in cells}):
+                lines.append(f"| {k} | " + " | ".join(
+                    f"{cell(cells[k, s], 'l1', 4)} / {cell(cells[k, s], 'cc', 3)} / "
+                    f"{cells[k, s]['mean']['ms_per_map_batched']:.1f}" if (k, s) in cells else "—"
+                    for s in steps) + " |")
+    cats = sorted({c for g in groups for r in g["rows"] for c in r["per_category"]})
     if cats:
-        lines += ["", "Per category (L1 / CC):", "",
-                  "| category | n | " + " | ".join(r["run"] for r in rows) + " |", "|---|---|" + "---|" * len(rows)]
+        lines += ["", "Per category (L1 / CC, mean over each row's runs):", "",
+                  "| category | n | " + " | ".join(g["name"] for g in groups) + " |",
+                  "|---|---|" + "---|" * len(groups)]
         for c in cats:
-            n = next(r["per_category"][c]["n"] for r in rows if c in r["per_category"])
+            n = next(r["per_category"][c]["n"] for g in groups for r in g["rows"] if c in r["per_category"])
+            per = [[r["per_category"][c] for r in g["rows"] if c in r["per_category"]] for g in groups]
             lines.append(f"| {c} | {n} | " + " | ".join(
-                f"{fmt(r['per_category'][c]['l1'])} / {fmt(r['per_category'][c]['cc'], 3)}"
-                if c in r["per_category"] else "—" for r in rows) + " |")
-    lines += ["", "Commands:", ""] + [f"- {r['run']}: `{r['command']}`" for r in rows]
+                f"{np.mean([x['l1'] for x in p]):.4f} / {np.mean([x['cc'] for x in p]):.3f}" if p else "—"
+                for p in per) + " |")
+    lines += ["", "Commands:", ""] + [f"- {r['run']}: `{r['command']}`" for g in groups for r in g["rows"]]
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- your images
+def read_photo(path):
+    """A photo as RGB, turned upright by its EXIF orientation; transparent pixels are laid on black (and said)."""
+    if not path.is_file():
+        common.fail(f"{path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if "A" in im.getbands() or "transparency" in im.info:
+                im = im.convert("RGBA")
+                print(f"{path}: has transparency; transparent pixels are treated as black")
+                return Image.alpha_composite(Image.new("RGBA", im.size, "black"), im).convert("RGB")
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        common.fail(f"{path}: not a decodable image ({e})")
+
+
 def predict_images(args, device):
     """Maps and overlays for the user's own photos, with one run's best checkpoint."""
     if not args.images:
         common.fail("--predict needs --images PHOTO [PHOTO ...]")
     run = expand_runs([args.predict])[0]
-    predict, run_args, name = load_predictor(run, device, args.sample_steps, args.samples)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    saved, _, name = read_run(run)
+    predict, run_args = load_predictor(run, name, device, combinations(name, saved, args)[0], args.tta)
+    photos = [(path, read_photo(path)) for path in map(Path, args.images)]
+    out = common.writable_folder(args.out)
     size = run_args.size
     predict(torch.zeros(1, 3, size, size, device=device))               # warm-up
-    for path in map(Path, args.images):
-        try:
-            with Image.open(path) as im:
-                photo = im.convert("RGB")
-        except (OSError, ValueError) as e:
-            common.fail(f"{path}: not a decodable image ({e})")
-        x = torch.from_numpy(np.asarray(photo.resize((size, size), Image.BICUBIC))).permute(2, 0, 1)[None]
-        x = common.to_model_range(x).to(device)
-        vms, seconds = timed(predict, x, device=device)
+    for path, photo in photos:
+        x = torch.from_numpy(np.array(photo.resize((size, size), Image.BICUBIC))).permute(2, 0, 1)[None]
+        (vms, _), seconds = timed(predict, common.to_model_range(x).to(device), device=device)
         vms = F.interpolate(common.to_unit(vms.float()).clamp(0, 1).cpu(), size=(photo.height, photo.width),
                             mode="bilinear", align_corners=False)[0]
+        vms[2] = 0                                                       # blue is unused: black, as in the data
         vms_img = Image.fromarray((vms * 255).round().byte().permute(1, 2, 0).numpy())
         alpha = Image.fromarray((vms[:2].amax(0) * 0.85 * 255).round().byte().numpy())  # stronger where memorable
         overlay = Image.composite(vms_img, photo, alpha)
@@ -259,49 +430,67 @@ def main(argv=None):
         return predict_images(args, device)
     if not args.runs:
         common.fail("give run folders to compare (or --predict RUN --images ...); see --help")
+    if args.bootstrap < 1000:
+        common.fail("--bootstrap needs at least 1000 resamples")
     runs = expand_runs(args.runs)
     weights, why = common.inception_weights(args.inception_weights)
     if args.inception_weights and weights is None:
         common.fail(why)
     inception = common.InceptionV3FID(weights) if weights else None
     fid_note = f"{weights.name}" if weights else f"unavailable ({why})"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    datasets, baselines, rows, preds, ccs = {}, {}, [], [], []
+    out = common.writable_folder(args.out)
+    datasets, baselines, rows, preds, stds, per_image = {}, {}, [], [], [], []
     for run in runs:
-        saved = json.loads((run / "args.json").read_text()) if (run / "args.json").exists() else {}
-        final = json.loads((run / "final.json").read_text()) if (run / "final.json").exists() else {}
-        source = args.data or (None if final.get("data") == "synthetic" else final.get("data") or saved.get("data"))
-        key = (source, saved.get("size", 64))
+        saved, _, name = read_run(run)
+        key = (data_of(run, saved, args.data), saved.get("size", 64))
         if key not in datasets:
             try:
-                datasets[key] = common.load_data(source, key[1], device)
+                datasets[key] = common.load_data(key[0], key[1], device)
             except common.DataError as e:
                 common.fail(str(e))
             d = datasets[key]
-            ys = (d.val_y, d.train_y) if args.split == "val" else (d.train_y, d.train_y)
-            baselines[f"{key[1]}"] = common.baseline_metrics(common.to_unit(d.train_y).cpu(),
-                                                             common.to_unit(ys[0]).cpu())
-        row, pred, cc = evaluate_run(run, datasets[key], args, device, inception)
-        rows.append(row)
-        preds.append((key, pred))
-        ccs.append(cc)
-    (out / "results.md").write_text(results_markdown(rows, baselines, args, fid_note, device))
-    (out / "results.json").write_text(json.dumps({"split": args.split, "device": str(device), "fid": fid_note,
-                                                  "baselines": baselines, "runs": rows}, indent=1))
+            where = f"{Path(d.source).name}, {key[1]} px"
+            baselines[where] = common.baseline_metrics(common.to_unit(d.train_y).cpu(),
+                                                       common.to_unit(split_of(d, args.split)[1]).cpu())
+        for combo in combinations(name, saved, args):
+            row, pred, std, values = evaluate_run(run, datasets[key], key[1], args, device, inception, combo)
+            rows.append(row)
+            preds.append((key, pred))
+            stds.append(std)
+            per_image.append(values)
+    groups = group_rows(rows, per_image, args.no_group)
+    reference = groups[0]
+    if args.reference:
+        matches = [g for g in groups if any(args.reference in (r["path"], Path(r["path"]).name, r["run"])
+                                            for r in g["rows"])]
+        reference = matches[0] if matches else common.fail(f"--reference {args.reference}: not among the runs")
+    compare(groups, reference, args.bootstrap)
+    (out / "results.md").write_text(results_markdown(groups, baselines, args, fid_note, device, reference))
+    (out / "results.json").write_text(json.dumps(
+        {"split": args.split, "device": str(device), "fid": fid_note, "baselines": baselines, "reference":
+         reference["name"], "groups": [{k: v for k, v in g.items() if k not in ("per_image", "rows")} | {
+             "runs": [r["run"] for r in g["rows"]]} for g in groups], "runs": rows}, indent=1, default=str))
 
     # Figures: the same images across runs; each run's best and worst maps (by per-image CC); training curves.
     key0 = preds[0][0]
-    d = datasets[key0]
-    x, y = (d.val_x, d.val_y) if args.split == "val" else (d.train_x, d.train_y)
-    same = [p * 2 - 1 for k, p in preds if k == key0]
-    common.save_grid(out / "compare.png", [x[:args.rows], y[:args.rows]] + [p[:args.rows] for p in same])
-    for (key, pred), cc, r in zip(preds, ccs, rows):
-        dk = datasets[key]
-        xk, yk = (dk.val_x, dk.val_y) if args.split == "val" else (dk.train_x, dk.train_y)
+    x, y, _ = split_of(datasets[key0], args.split)
+    same = [(r, p, s) for r, (k, p), s in zip(rows, preds, stds) if k == key0]
+    columns, labels = [x[:args.rows], y[:args.rows]], ["photo", "true map"]
+    for r, p, s in same:
+        columns.append(p[:args.rows] * 2 - 1)
+        labels.append(r["run"])
+        if s is not None:                                               # the samples' spread, 4x brighter
+            columns.append((s[:args.rows] * 4).clamp(0, 1) * 2 - 1)
+            labels.append("std x4")
+    common.save_grid(out / "compare.png", columns, labels)
+    for (key, pred), r, values in zip(preds, rows, per_image):
+        xk, yk, _ = split_of(datasets[key], args.split)
+        cc = torch.from_numpy(values["cc"])
         order = [i for i in torch.argsort(torch.nan_to_num(cc, nan=-2), descending=True).tolist() if not cc[i].isnan()]
         pick = order[:3] + order[-3:]
-        common.save_grid(out / f"best_worst_{r['run']}.png", [xk[pick], yk[pick], pred[pick] * 2 - 1])
+        common.save_grid(out / f"best_worst_{re.sub(r'[^A-Za-z0-9_.-]+', '_', r['run'])}.png",
+                         [xk[pick], yk[pick], pred[pick] * 2 - 1], ["photo", "true map", r["run"]],
+                         [f"best {i + 1}" for i in range(3)] + [f"worst {3 - i}" for i in range(3)])
     training_curves(rows, out)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and figures in {out}")
 
