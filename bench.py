@@ -30,7 +30,7 @@ import exp3_diffusion
 
 def build_parser():
     p = argparse.ArgumentParser(description="Time data loading, training and inference of the three experiments.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--size", type=int, default=64, help="image and map size in pixels")
     p.add_argument("--quick", action="store_true", help="small models (c 16) and fewer steps: minutes on a CPU")
@@ -94,7 +94,7 @@ def bench_exp1(args, device, variants):
     for variant in variants:
         a = configure(exp1_unet, flags, variant, device)
         model = prepare(exp1_unet, exp1_unet.UNet(a.c, a.depth, a.norm, a.dropout, not a.no_skip), device, variant)
-        opt = exp1_unet.make_optimizer(model.parameters(), a)
+        opt = exp1_unet.make_optimizer(model.parameters(), a.opt, a.lr, a.betas, a.momentum, device)
         seconds = clock(lambda: exp1_unet.train_epoch(model, opt, data, a, ["translation", "cutout"], device), device)
         out[variant] = {"train_img_s": len(data.train_x) // a.batch_size * a.batch_size / seconds,
                         "infer_ms": 1000 * clock(lambda: exp1_unet.predict(model, data.val_x, a.target, a.amp),
@@ -126,7 +126,7 @@ def bench_exp3(args, device, variants):
         a = configure(exp3_diffusion, flags, variant, device)
         model = prepare(exp3_diffusion, exp3_diffusion.UNet(a.c, a.norm, a.attn), device, variant)
         ema = prepare(exp3_diffusion, exp3_diffusion.UNet(a.c, a.norm, a.attn), device, "plain").requires_grad_(False)
-        opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+        opt = exp3_diffusion.make_optimizer(model.parameters(), "adam", a.lr, a.betas, 0.0, device)
         diffusion = exp3_diffusion.Diffusion(a)
         step = [0]
 
