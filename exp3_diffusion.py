@@ -45,7 +45,7 @@ def build_parser():
                    "predict (photo + map) / 2 and recover the map from it (the thesis' second formulation)")
     # <<< shared: data flags
     g.add_argument("--diffaug", default="translation,cutout", help="DiffAugment policies, comma-separated "
-                   "(translation, cutout), applied identically to each photo and its map; 'none' disables")
+                   "(translation, cutout, flip), applied identically to each photo and its map; 'none' disables")
     g.add_argument("--diffaug-p", type=float, default=0.9, help="probability of each policy per sample")
     g = p.add_argument_group("model")
     g.add_argument("--c", type=int, default=64, help="base channels: the UNet's levels have (c, 2c, 4c, 8c)")
@@ -231,7 +231,12 @@ def cutout(x, p, ratio=0.5):
     return x.masked_fill((in_y[:, :, None] & in_x[:, None, :])[:, None], -1)
 
 
-AUGMENTS = {"translation": translation, "cutout": cutout}
+def flip(x, p):
+    """Mirror each sample left-right (photo and map together): the VISCHEMA paper's CNN trained on mirrored copies."""
+    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < p, x.flip(3), x)
+
+
+AUGMENTS = {"translation": translation, "cutout": cutout, "flip": flip}
 
 
 def augment_policy(spec):

@@ -3,10 +3,10 @@
 Plain functions named test_*, run in file order by the small runner at the bottom, which ends with the line
 "N passed, N failed, N skipped" and exits non-zero on any failure. `pytest test_all.py` runs the same tests (pytest is
 a test-time tool, not needed by `python test_all.py`); `pytest test_all.py -m "not slow"` leaves out the ones that
-train in subprocesses and runs in under a minute. Tests that need the real VISCHEMA PLUS read it from $VISCHEMA_DIR and
-are skipped without it; everything else writes its own small data or uses the synthetic set. Subprocess timeouts
-scale with $VMS_TEST_TIMEOUT_SCALE (default 1) for slow or busy machines. Temporary files go to one folder, removed at
-the end (kept by the runner when a test failed, to look at).
+run the scripts in subprocesses and runs in under a minute. Tests that need the real VISCHEMA PLUS read it from
+$VISCHEMA_DIR and are skipped without it; everything else writes its own small data or uses the synthetic set.
+Subprocess timeouts scale with $VMS_TEST_TIMEOUT_SCALE (default 1) for slow or busy machines. Temporary files go to
+one folder, removed at the end (kept by the runner when a test failed, to look at).
 """
 import argparse
 import ast
@@ -49,7 +49,7 @@ atexit.register(lambda: KEEP_TMP or shutil.rmtree(TMP, ignore_errors=True))
 REAL = os.environ.get("VISCHEMA_DIR")
 TIMEOUT_SCALE = float(os.environ.get("VMS_TEST_TIMEOUT_SCALE", "1"))
 pytest = sys.modules.get("pytest")  # present when pytest runs this file; `python test_all.py` needs no pytest
-slow = pytest.mark.slow if pytest else (lambda fn: fn)  # trains in subprocesses: left out by -m "not slow"
+slow = pytest.mark.slow if pytest else (lambda fn: fn)  # runs scripts in subprocesses: left out by -m "not slow"
 
 
 def timeout(seconds):
@@ -290,7 +290,7 @@ def test_diffaug_keeps_pairs_aligned():
     torch.manual_seed(0)
     image = torch.rand(64, 3, 16, 16) * 2 - 1
     vms = image.flip(1) * 0.5                                  # a map that is a pixelwise function of its image
-    for policy in (["translation"], ["cutout"], ["translation", "cutout"]):
+    for policy in (["translation"], ["cutout"], ["flip"], ["translation", "cutout", "flip"]):
         a, b = exp1_unet.diff_augment(image, vms, policy, p=1.0)
         assert torch.equal(b, a.flip(1) * 0.5 + (a.flip(1) == -1) * -0.5), policy   # fill -1 in both
         assert not torch.equal(a, image), policy
@@ -486,6 +486,7 @@ def test_bad_input_gives_one_clear_error():
             raise AssertionError(f"no error for {root}")
 
 
+@slow
 def test_bad_input_cli_has_no_traceback():
     for root, message in bad_input_cases()[::2] + [(TMP / "bad_emptysplit", "empty split file")]:
         p = run("exp1_unet.py", "--data", root, "--epochs", 1)
@@ -899,7 +900,7 @@ def assert_aligned(x6):
 def test_exp2_diffaug_keeps_discriminator_pairs_aligned():
     torch.manual_seed(0)
     image = torch.rand(64, 3, 16, 16) * 2 - 1
-    for policy in (["translation"], ["cutout"], ["translation", "cutout"]):
+    for policy in (["translation"], ["cutout"], ["flip"], ["translation", "cutout", "flip"]):
         x6 = exp2_gan.d_input(image, image.flip(1) * 0.5, policy, p=1.0)
         assert x6.shape == (64, 6, 16, 16) and not torch.equal(x6[:, :3], image), policy
         assert_aligned(x6)
@@ -964,6 +965,7 @@ def test_exp2_variants_cover_every_optimiser_target_and_augmentation():
     assert {list(exp2_gan.NORMS)[(i + 1) % 5] for i in range(n)} == set(exp2_gan.NORMS)
 
 
+@slow
 def test_exp2_bad_input_cli_has_no_traceback():
     root, message = bad_input_cases()[0]
     p = run("exp2_gan.py", "--data", root, "--epochs", 1)
@@ -1241,6 +1243,7 @@ variants("exp3_variant", [(" ".join(v), v) for v in (
     ["--norm", "none", "--target", "sum"], ["--x0-loss", "l1+0.5cc", "--input-scale", "0.1"])], check_exp3_variant)
 
 
+@slow
 def test_exp3_cli_bad_input_without_traceback():
     p = subprocess.run([sys.executable, "-c", "import exp3_diffusion"], cwd=HERE, capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout == "", p.stdout + p.stderr
@@ -1402,6 +1405,7 @@ def test_bench_quick_writes_every_figure():
 
 
 # ------------------------------------------------------------------------------------------------------- sweep.py
+@slow
 def test_sweep_dry_run_prints_the_study_plan():
     p = run("sweep.py", "exp1", "--dry-run")
     assert p.returncode == 0, p.stderr
