@@ -6,8 +6,9 @@
 data:  decode_s (decode and resize every JPEG of the dataset), cached_load_s (the same from the cache),
        trial_startup_s (a new process importing an experiment and loading the cached data: a sweep trial's overhead).
 exp1, exp2, exp3: train_img_s (training images per second through the experiment's own training loop), infer_ms
-       (ms per map, batched over the val split); exp3 also sample_ms_ddim (DDIM at its default steps) and
-       sample_ms_ddpm (ancestral over all T). Then the options that change speed, each measured beside the plain
+       (ms per map, batched over the val split; exp1 also with 16 and 256 photos per forward pass); exp3 also
+       sample_ms_ddim (DDIM at its default steps), sample_ms_ddpm (ancestral over all T) and 4 samples x DDIM-5 with
+       32 and 512 maps per forward pass. Then the options that change speed, each measured beside the plain
        configuration and given as a ratio of images per second (above 1: faster): bf16 autocast (--amp),
        channels_last toggled, torch.compile.
 Everything is timed after a warm-up, with CUDA synchronised around each measurement.
@@ -99,6 +100,10 @@ def bench_exp1(args, device, variants):
         out[variant] = {"train_img_s": len(data.train_x) // a.batch_size * a.batch_size / seconds,
                         "infer_ms": 1000 * clock(lambda: exp1_unet.predict(model, data.val_x, a.target, a.amp),
                                                  device, repeats=3) / len(data.val_x)}
+        if variant == "plain":  # the default forward batch (16 photos on a CPU, 256 on CUDA) against 256 and 16
+            for batch in (16, 256):
+                out[variant][f"infer_ms_batch{batch}"] = 1000 * clock(lambda: exp1_unet.predict(
+                    model, data.val_x, a.target, a.amp, batch=batch), device, repeats=3) / len(data.val_x)
     return out
 
 
@@ -142,6 +147,10 @@ def bench_exp3(args, device, variants):
             ddpm = evaluate.timed(exp3_diffusion.sample, model, images, diffusion, 0, amp=a.amp, device=device)[1]
             out[variant]["sample_ms_ddpm"] = 1000 * ddpm / len(images)
             out[variant]["ddpm_over_ddim"] = out[variant]["sample_ms_ddpm"] / out[variant]["sample_ms_ddim"]
+            photos = data.val_x[:64]  # 4 samples x DDIM-5 of 64 photos, 32 and 512 maps per forward pass
+            for batch in (32, 512):
+                out[variant][f"sample_ms_k4_ddim5_batch{batch}"] = 1000 * clock(lambda: exp3_diffusion.sample(
+                    model, photos, diffusion, 5, samples=4, amp=a.amp, batch=batch), device) / len(photos)
     return out
 
 

@@ -267,12 +267,14 @@ def train_epoch(model, opt, data, args, policy, device):
 
 # >>> shared: prediction
 @torch.no_grad()
-def predict(model, images, target, amp=False, tta="none", batch=256):
+def predict(model, images, target, amp=False, tta="none", batch=None):
     """Maps in [-1, 1] for N x 3 x S x S photos, in eval mode (batch-norm running statistics, no dropout). tta
-    "flip": the mean of the maps of each photo and of its mirror image, mirrored back."""
+    "flip": the mean of the maps of each photo and of its mirror image, mirrored back. batch: photos per forward
+    pass; by default 16 on a CPU (small batches stay in its caches: 2.4x faster than 256, docs/results.md), 256 on
+    CUDA."""
     model.eval()
     outs = []
-    for x in images.split(batch):
+    for x in images.split(batch or (256 if images.device.type == "cuda" else 16)):
         with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
             out = model(to_memory_format(x, x.device)).float()
             if tta == "flip":

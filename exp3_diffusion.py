@@ -327,40 +327,39 @@ def val_loss(model, data, diffusion, args):
 
 # ---------------------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def sample(model, images, diffusion, steps=50, generator=None, samples=1, amp=False, max_batch=512):
+def sample(model, images, diffusion, steps=50, generator=None, samples=1, amp=False, batch=None):
     """K = `samples` draws of the generated signal for each of N photos (N x 3 x S x S): returns their mean and
-    per-pixel standard deviation (N x 3 x S x S each, the signal in [-1, 1]); all noise comes from `generator`. The
-    K draws of a photo go through the network together, photos in chunks of max_batch // K, and each chunk's x_T is
-    drawn as K tensors of the chunk's shape, one after the other: the same numbers as K calls with samples=1.
-    steps > 0: DDIM, eta 0, at t = round(T - i T / steps) - 1, i < steps, each going to t - T // steps (diffusers'
-    DDIMScheduler: "trailing" spacing, clip_sample, set_alpha_to_one); steps = 0: ancestral DDPM over all T steps
-    (DDPMScheduler, "fixed_small" variance). The predicted x_0 is clipped to [-1, 1] at every step."""
+    per-pixel standard deviation (N x 3 x S x S each, the signal in [-1, 1]); all noise comes from `generator`, x_T as
+    K tensors of the photos' shape one after the other: the same numbers as K calls with samples=1. The K draws of a
+    photo go through the network together, `batch` maps per forward pass (by default 32 on a CPU, where small batches
+    run fastest, 512 on CUDA). steps > 0: DDIM, eta 0, at t = round(T - i T / steps) - 1, i < steps, each going to
+    t - T // steps (diffusers' DDIMScheduler: "trailing" spacing, clip_sample, set_alpha_to_one); steps = 0:
+    ancestral DDPM over all T steps (DDPMScheduler, "fixed_small" variance). x_0 is clipped to [-1, 1] at every step."""
     model.eval()
     T, scale, alpha_bar, k = diffusion.T, diffusion.input_scale, diffusion.alpha_bar.tolist(), samples
+    batch = batch or (512 if images.device.type == "cuda" else 32)
     ts = [round(T - i * T / steps) - 1 for i in range(steps)] if steps else range(T - 1, -1, -1)
-    chunks, means, stds = images.split(max(1, max_batch // k)), [], []
-    for c in common.progress(len(chunks), "sample", len(chunks[0])):
-        photos = chunks[c].repeat_interleave(k, 0)                                   # each photo K times, in a row
-        x = torch.stack([torch.randn(chunks[c].shape, generator=generator, device=images.device)
-                         for _ in range(k)], 1).flatten(0, 1)                        # x_T ~ N(0, I)
-        for t in ts:
-            prev = t - (T // steps if steps else 1)
-            ab, ab_prev = alpha_bar[t], alpha_bar[prev] if prev >= 0 else 1.0
-            out = run_model(model, photos, x, torch.full((len(x),), t, device=x.device), amp)
-            x0, eps = diffusion.split(out, x, ab)
-            x0 = x0.clamp(-scale, scale)  # the map's range [-1, 1], times --input-scale
-            if steps:  # DDIM, eta 0: the point of the deterministic path at prev
-                x = ab_prev ** 0.5 * x0 + (1 - ab_prev) ** 0.5 * eps
-            else:  # DDPM: the mean of q(x_prev | x_t, x_0), plus noise of its variance except at the last step
-                beta = 1 - ab / ab_prev
-                x = (ab_prev ** 0.5 * beta * x0 + (1 - beta) ** 0.5 * (1 - ab_prev) * x) / (1 - ab)
-                if t > 0:
-                    std = max((1 - ab_prev) / (1 - ab) * beta, 1e-20) ** 0.5
-                    x = x + std * torch.randn(x.shape, generator=generator, device=x.device)
-        draws = (x / scale).unflatten(0, (-1, k))                                     # photos x K x 3 x S x S
-        means.append(draws.mean(1))
-        stds.append(draws.std(1, correction=0))
-    return torch.cat(means), torch.cat(stds)
+    x = torch.stack([torch.randn(images.shape, generator=generator, device=images.device) for _ in range(k)],
+                    1).flatten(0, 1)                                            # x_T ~ N(0, I), N*K maps
+    photos = images.repeat_interleave(k, 0)                                     # each photo K times, in a row
+    for i in common.progress(len(ts), "sample", len(images)):
+        t = ts[i]
+        prev = t - (T // steps if steps else 1)
+        ab, ab_prev = alpha_bar[t], alpha_bar[prev] if prev >= 0 else 1.0
+        out = torch.cat([run_model(model, p, xs, torch.full((len(xs),), t, device=xs.device), amp)
+                         for p, xs in zip(photos.split(batch), x.split(batch))])
+        x0, eps = diffusion.split(out, x, ab)
+        x0 = x0.clamp(-scale, scale)  # the map's range [-1, 1], times --input-scale
+        if steps:  # DDIM, eta 0: the point of the deterministic path at prev
+            x = ab_prev ** 0.5 * x0 + (1 - ab_prev) ** 0.5 * eps
+        else:  # DDPM: the mean of q(x_prev | x_t, x_0), plus noise of its variance except at the last step
+            beta = 1 - ab / ab_prev
+            x = (ab_prev ** 0.5 * beta * x0 + (1 - beta) ** 0.5 * (1 - ab_prev) * x) / (1 - ab)
+            if t > 0:
+                std = max((1 - ab_prev) / (1 - ab) * beta, 1e-20) ** 0.5
+                x = x + std * torch.randn(x.shape, generator=generator, device=x.device)
+    draws = (x / scale).unflatten(0, (-1, k))                                   # N x K x 3 x S x S
+    return draws.mean(1), draws.std(1, correction=0)
 
 
 def predict(model, images, diffusion, args, steps, samples):
