@@ -81,7 +81,8 @@ def expand_runs(paths):
 
 
 def read_run(run):
-    """(settings, final.json, experiment) of a run folder: args.json, else the args in best.pt."""
+    """(settings, final.json, experiment) of a run folder: args.json, else the args in best.pt; flags added to the
+    experiment since the run began take their defaults."""
     read = lambda name: json.loads((run / name).read_text()) if (run / name).exists() else {}  # noqa: E731
     saved, final = read("args.json"), read("final.json")
     name = final.get("experiment")
@@ -90,7 +91,8 @@ def read_run(run):
         saved, name = saved or ck.get("args", {}), name or ck.get("experiment")
     if name not in EXPERIMENTS:
         common.fail(f"{run}: cannot tell which experiment made it (no 'experiment' in final.json or best.pt)")
-    return saved, final, name
+    defaults = vars(importlib.import_module(name).build_parser().parse_args([]))  # flags newer than the run
+    return {**defaults, **saved}, final, name
 
 
 def data_of(run, saved, override):
