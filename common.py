@@ -14,6 +14,7 @@ import os
 import random
 import re
 import sys
+import textwrap
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -440,12 +441,14 @@ def save_grid(path, columns, labels=None, row_labels=None, min_side=128, gap=2, 
     columns in a header, `row_labels` the rows at the left. Small images are upscaled to at least `min_side` px."""
     n, side = len(columns[0]), columns[0].shape[-1]
     scale = max(1, -(-min_side // side))
-    cell, top, left = side * scale, 16 if labels else 0, 60 if row_labels else 0
+    cell, left = side * scale, 60 if row_labels else 0
+    heads = [textwrap.wrap(str(label), cell // 6, break_on_hyphens=True) for label in labels or []]
+    top = 4 + 12 * max(map(len, heads)) if heads else 0                 # long labels wrap onto more lines
     grid = Image.new("RGB", (left + len(columns) * (cell + gap) + gap, top + n * (cell + gap) + gap), "white")
     draw = ImageDraw.Draw(grid)
     for j, col in enumerate(columns):
-        if labels:
-            draw.text((left + gap + j * (cell + gap) + 2, 2), str(labels[j])[:cell // 6], fill="black")
+        if heads:
+            draw.multiline_text((left + gap + j * (cell + gap) + 2, 2), "\n".join(heads[j]), fill="black", spacing=2)
         for i in range(n):
             x = col[i] if j < photos else torch.cat([col[i][:2], torch.full_like(col[i][2:], -1)])
             grid.paste(to_pil(x, scale), (left + gap + j * (cell + gap), top + gap + i * (cell + gap)))

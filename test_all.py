@@ -791,6 +791,11 @@ def test_save_grid_layout():
     grid = common.save_grid(TMP / "grid.png", [x, x, x])
     assert grid.size == (3 * (128 + 2) + 2, 3 * (128 + 2) + 2)
     assert Image.open(TMP / "grid.png").size == grid.size
+    short = common.save_grid(TMP / "grid.png", [x, x, x], ["photo", "true map", "u"])
+    long = common.save_grid(TMP / "grid.png", [x, x, x], ["photo", "true map", "exp3-diffusion (DDIM-1, K 8)"])
+    assert short.size[1] - grid.size[1] == 16 and long.size[1] - grid.size[1] == 28   # the long label on 2 lines
+    header = np.asarray(long)[16:28, 2 * (128 + 2) + 2:]                 # its second line is drawn, not cut off
+    assert (header < 128).any()
 
 
 # ------------------------------------------------------------------------------------------------------- exp2 (GAN)
