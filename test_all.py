@@ -755,13 +755,18 @@ def test_a_run_without_a_finite_val_l1_ends_cleanly():
     assert common.fmt(None) == "—" and common.fmt(float("nan")) == "—" and common.fmt(0.12345) == "0.1235"
 
 
-@slow
-def test_exp1_divergence_is_reported():
-    out = TMP / "exp1_diverge"
-    p = run("exp1_unet.py", *tiny_run_args(out, epochs=2), "--opt", "sgd", "--lr", "1e30", "--norm", "none",
-            env=no_data_env())
+def check_divergence_is_reported(script, args):
+    """A run whose loss blows up (a learning rate of 1e30) ends with exit 3 and status "diverged" in final.json."""
+    out = Path(args[args.index("--out") + 1])
+    p = run(script, *args, env=no_data_env())
     final = json.loads((out / "final.json").read_text())
     assert p.returncode == 3 and final["status"] == "diverged", (p.returncode, final)
+
+
+@slow
+def test_exp1_divergence_is_reported():
+    check_divergence_is_reported("exp1_unet.py", [*tiny_run_args(TMP / "exp1_diverge", epochs=2), "--opt", "sgd",
+                                                  "--lr", "1e30", "--norm", "none"])
 
 
 def check_exp1_variant(*extra):
@@ -1020,11 +1025,8 @@ def test_exp2_synthetic_run_writes_every_file():
 
 @slow
 def test_exp2_divergence_is_reported():
-    out = TMP / "exp2_diverge"
-    p = run("exp2_gan.py", *exp2_tiny_args(out, epochs=2), "--d-opt", "sgd", "--d-lr", "1e30", "--d-norm", "none",
-            env=no_data_env())
-    final = json.loads((out / "final.json").read_text())
-    assert p.returncode == 3 and final["status"] == "diverged", (p.returncode, final)
+    check_divergence_is_reported("exp2_gan.py", [*exp2_tiny_args(TMP / "exp2_diverge", epochs=2), "--d-opt", "sgd",
+                                                 "--d-lr", "1e30", "--d-norm", "none"])
 
 
 @slow
@@ -1336,10 +1338,8 @@ def test_exp3_resume_after_kill_equals_uninterrupted_run():
 
 @slow
 def test_exp3_divergence_is_reported():
-    out = TMP / "exp3_diverge"
-    p = run("exp3_diffusion.py", *exp3_tiny_args(out, epochs=1), "--lr", "1e30", "--norm", "none", env=no_data_env())
-    final = json.loads((out / "final.json").read_text())
-    assert p.returncode == 3 and final["status"] == "diverged", (p.returncode, final)
+    check_divergence_is_reported("exp3_diffusion.py", [*exp3_tiny_args(TMP / "exp3_diverge", epochs=1), "--lr", "1e30",
+                                                       "--norm", "none"])
 
 
 # ------------------------------------------------------------------------------------------------------- CUDA, bench
