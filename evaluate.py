@@ -218,7 +218,7 @@ def group_rows(rows, per_image, no_group=False):
     out = []
     for g in groups.values():
         first = g["rows"][0]
-        name = re.sub(r"[-_]s(eed)?\d+(?=$| \()", "", first["run"]) if len(g["rows"]) > 1 else first["run"]
+        name = re.sub(r"[-_]s(eed)?\d+(?=$| )", "", first["run"]) if len(g["rows"]) > 1 else first["run"]
         mean, sd = {}, {}
         for key in {k for r in g["rows"] for k in r["metrics"]}:
             values = [r["metrics"].get(key) for r in g["rows"]]

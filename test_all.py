@@ -1629,18 +1629,20 @@ def test_evaluate_groups_seeds_and_nothing_else():
     assert evaluate.settings_key("exp1_unet", "synthetic, 32 px", saved, (None, None), "flip") != key()
     rng = np.random.default_rng(0)
     rows, values = [], []
-    for name, group in (("u-s0", "a"), ("u-s1", "a"), ("v-s0", "b"), ("u-s2", "a")):
-        rows.append({"run": name, "path": f"runs/{name}", "experiment": "exp1_unet", "seed": int(name[-1]),
+    for name, group, seed in (("u-s0 +flip", "a", 0), ("u-s1 +flip", "a", 1), ("v-s0", "b", 0), ("u-s2 +flip", "a", 2),
+                              ("d-s0 (DDIM-1, 8 samples)", "c", 0), ("d-s1 (DDIM-1, 8 samples)", "c", 1)):
+        rows.append({"run": name, "path": f"runs/{name}", "experiment": "exp1_unet", "seed": seed,
                      "data": "synthetic, 32 px", "group_key": group, "sampler": None, "per_category": {},
                      "metrics": {"l1": float(rng.random()), "cc": float(rng.random())}})
         values.append({"l1": rng.random(5), "cc": rng.random(5)})
     groups = evaluate.group_rows(rows, values)
-    assert [(g["name"], g["n"], g["seeds"]) for g in groups] == [("u", 3, [0, 1, 2]), ("v-s0", 1, [0])]
+    assert [(g["name"], g["n"], g["seeds"]) for g in groups] == [("u +flip", 3, [0, 1, 2]), ("v-s0", 1, [0]),
+                                                                ("d (DDIM-1, 8 samples)", 2, [0, 1])]
     ls = [r["metrics"]["l1"] for r in rows if r["group_key"] == "a"]
     assert math.isclose(groups[0]["mean"]["l1"], np.mean(ls))
     assert math.isclose(groups[0]["sd"]["l1"], np.std(ls, ddof=1))
     assert groups[0]["per_image"]["cc"].shape == (3, 5) and groups[1]["sd"]["l1"] is None
-    assert len(evaluate.group_rows(rows, values, no_group=True)) == 4
+    assert len(evaluate.group_rows(rows, values, no_group=True)) == 6
 
 
 def test_paired_bootstrap_intervals():
