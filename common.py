@@ -442,7 +442,7 @@ def save_grid(path, columns, labels=None, row_labels=None, min_side=128, gap=2, 
     n, side = len(columns[0]), columns[0].shape[-1]
     scale = max(1, -(-min_side // side))
     cell, left = side * scale, 60 if row_labels else 0
-    heads = [textwrap.wrap(str(label), cell // 6, break_on_hyphens=True) for label in labels or []]
+    heads = [textwrap.wrap(str(label), cell // 6) for label in labels or []]
     top = 4 + 12 * max(map(len, heads)) if heads else 0                 # long labels wrap onto more lines
     grid = Image.new("RGB", (left + len(columns) * (cell + gap) + gap, top + n * (cell + gap) + gap), "white")
     draw = ImageDraw.Draw(grid)

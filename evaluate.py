@@ -182,10 +182,11 @@ def evaluate_run(run, data, size, args, device, inception, combo):
         cats.setdefault(data.categories.get(n, "?"), []).append(i)
     per_cat = {c: {**common.l1_metrics(pred[i], true[i]), "cc": common.cc_metrics(pred[i], true[i])["cc"],
                    "n": len(i)} for c, i in sorted(cats.items())} if data.categories else {}
-    label = run.name + (f" (DDIM-{combo[0]}" if combo[0] else " (ancestral" if combo[0] == 0 else "") + \
+    how = (f" (DDIM-{combo[0]}" if combo[0] else " (ancestral" if combo[0] == 0 else "") + \
         (f", {combo[1]} samples)" if combo[0] is not None else "") + (" +flip" if tta == "flip" else "")
+    label = run.name + how                                              # how: the way it was evaluated
     per_image = {k: v.numpy() for k, v in common.per_image_metrics(pred, true).items() if k in ("l1", "cc")}
-    row = {"run": label, "path": str(run), "experiment": name, "command": final.get("command", ""),
+    row = {"run": label, "how": how, "path": str(run), "experiment": name, "command": final.get("command", ""),
            "seed": saved.get("seed"), "epochs": final.get("epoch"), "best_epoch": final.get("best_epoch"),
            "status": final.get("status"), "params": final.get("params"), "data": f"{data.source}, {size} px",
            "sampler": {"sample_steps": combo[0], "samples": combo[1]} if combo[0] is not None else None,
@@ -218,7 +219,8 @@ def group_rows(rows, per_image, no_group=False):
     out = []
     for g in groups.values():
         first = g["rows"][0]
-        name = re.sub(r"[-_]s(eed)?\d+(?=$| )", "", first["run"]) if len(g["rows"]) > 1 else first["run"]
+        name = first["run"] if len(g["rows"]) == 1 else \
+            re.sub(r"[-_]s(eed)?\d+$", "", Path(first["path"]).name) + first["how"]      # the folder without its seed
         mean, sd = {}, {}
         for key in {k for r in g["rows"] for k in r["metrics"]}:
             values = [r["metrics"].get(key) for r in g["rows"]]

@@ -1629,9 +1629,10 @@ def test_evaluate_groups_seeds_and_nothing_else():
     assert evaluate.settings_key("exp1_unet", "synthetic, 32 px", saved, (None, None), "flip") != key()
     rng = np.random.default_rng(0)
     rows, values = [], []
-    for name, group, seed in (("u-s0 +flip", "a", 0), ("u-s1 +flip", "a", 1), ("v-s0", "b", 0), ("u-s2 +flip", "a", 2),
-                              ("d-s0 (DDIM-1, 8 samples)", "c", 0), ("d-s1 (DDIM-1, 8 samples)", "c", 1)):
-        rows.append({"run": name, "path": f"runs/{name}", "experiment": "exp1_unet", "seed": seed,
+    for folder, how, group, seed in (("u-s0", " +flip", "a", 0), ("u-s1", " +flip", "a", 1), ("v-s0", "", "b", 0),
+                                     ("u-s2", " +flip", "a", 2), ("d-s0", " (DDIM-1, 8 samples)", "c", 0),
+                                     ("d-s1", " (DDIM-1, 8 samples)", "c", 1)):
+        rows.append({"run": folder + how, "how": how, "path": f"runs/{folder}", "experiment": "exp1_unet", "seed": seed,
                      "data": "synthetic, 32 px", "group_key": group, "sampler": None, "per_category": {},
                      "metrics": {"l1": float(rng.random()), "cc": float(rng.random())}})
         values.append({"l1": rng.random(5), "cc": rng.random(5)})
