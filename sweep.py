@@ -5,9 +5,10 @@
     python sweep.py exp1 --epochs 20 --seeds 3 -- --size 64 --depth 4  # after --: flags for every trial
 
 Coordinate descent: start from estimated defaults; for one hyperparameter at a time, train one model for every
-option of it with the others fixed (with --seeds N, N models, seeds 0 .. N-1), keep the best by mean val L1 (or val
-CC), move on to the next. A configuration that was already trained (the incumbent reappears in every later
-coordinate) is not trained again. A flag the search varies cannot be given after -- (it would silently win).
+option of it with the others fixed (with --seeds N, N models, seeds 0 .. N-1), keep the best by the mean L1 (or CC)
+on each trial's selection split, move on to the next; the val split only reports. A configuration that was already
+trained (the incumbent reappears in every later coordinate) is not trained again. A flag the search varies cannot
+be given after -- (it would silently win).
 
 Each trial is `python expN_*.py <settings> <extra args> --out DIR/<trial> --epochs E [--seed S] [--resume]`; its
 score is read from its final.json, and DIR/results.jsonl gets one line per finished (trial, seed). A restarted sweep
@@ -41,6 +42,7 @@ EXPERIMENTS = {"exp1": "exp1_unet", "exp2": "exp2_gan", "exp3": "exp3_diffusion"
 OPTIMISERS = [("sgd", "0.005"), ("sgd", "0.01"), ("sgd", "0.02"), ("adam", "0.0005"), ("adam", "0.001"),
               ("adam", "0.002"), ("adadelta", "0.5"), ("adadelta", "1"), ("adadelta", "2")]
 BETAS = [["0.9", "0.999"], ["0", "0.999"], ["0.5", "0.999"]]
+ADAM_LR = f"{common.DEFAULT_LR['adam']:g}"  # the experiments' own default, from their one table
 
 
 def coordinate(name, flag, values):
@@ -54,11 +56,11 @@ def optimiser_coordinates(p=""):
 
 
 SPACES = {
-    "exp1": {"start": {"--c": "64", "--opt": "adam", "--lr": "0.001", "--betas": BETAS[0]},
+    "exp1": {"start": {"--c": "64", "--opt": "adam", "--lr": ADAM_LR, "--betas": BETAS[0]},
              "coordinates": [coordinate("norm", "--norm", ["batch", "instance"]),
                              coordinate("c", "--c", ["32", "64", "50", "100"]), *optimiser_coordinates()]},
-    "exp2": {"start": {"--c": "64", "--d-c": "64", "--g-opt": "adam", "--g-lr": "0.001", "--g-betas": BETAS[0],
-                       "--d-opt": "adam", "--d-lr": "0.001", "--d-betas": BETAS[0]},
+    "exp2": {"start": {"--c": "64", "--d-c": "64", "--g-opt": "adam", "--g-lr": ADAM_LR, "--g-betas": BETAS[0],
+                       "--d-opt": "adam", "--d-lr": ADAM_LR, "--d-betas": BETAS[0]},
              "coordinates": [coordinate("g-norm", "--g-norm", ["batch", "instance"]),
                              coordinate("d-norm", "--d-norm", ["batch", "instance"]),
                              coordinate("c", "--c", ["32", "64", "50", "100"]),
@@ -87,8 +89,9 @@ def build_parser():
     p.add_argument("--seeds", type=int, default=1, help="train every trial with seeds 0 .. N-1 and score it by the "
                    "mean; seed 0 is the trial's plain run, so a larger N later adds seeds without repeating any")
     p.add_argument("--only", default=None, help="comma-separated coordinates to search (default: all, in order)")
-    p.add_argument("--metric", choices=["val_l1", "val_cc"], default="val_l1", help="what picks the winner: "
-                   "lowest val L1 or highest val CC")
+    p.add_argument("--metric", choices=["sel_l1", "sel_cc"], default="sel_l1", help="what picks the winner, on "
+                   "each trial's selection split (the val split only reports; with -- --selection 0 it is the val "
+                   "split itself): lowest L1 or highest CC")
     p.add_argument("--launcher", default="", help="command prefix for each trial, e.g. \"srun -N1 -n1 "
                    "--gres=gpu:1\" (then GPUs are the launcher's business)")
     p.add_argument("--space", default=None, help="a JSON search space {start, coordinates} instead of the study's")
@@ -115,12 +118,12 @@ def applies(coord, config):
 
 
 def score(rows, metric):
-    """A trial's score from its rows (one per seed): the mean metric, smaller is better (val CC negated); a trial
+    """A trial's score from its rows (one per seed): the mean metric, smaller is better (CC negated); a trial
     with an unfinished, failed or diverged seed is never chosen."""
     if not rows or any(r["status"] != "ok" or r.get(metric) is None for r in rows):
         return float("inf")
     mean = statistics.mean(r[metric] for r in rows)
-    return mean if metric == "val_l1" else -mean
+    return mean if metric.endswith("l1") else -mean
 
 
 def print_plan(exp, space, coords, epochs, seeds):
@@ -248,7 +251,8 @@ def result_row(trial, returncode, seconds, out):
     status = final.get("status") or f"crashed (exit {returncode})"
     return {"trial": trial["name"], "key": trial["key"], "config": trial["config_key"], "seed": trial["seed"],
             "coordinate": trial["coordinate"], "option": trial["label"], "args": as_args(trial["config"]),
-            "status": status, "val_l1": final.get("val_l1"), "val_cc": final.get("val_cc"),
+            "status": status, **{k: final.get(k, final.get("val" + k[3:])) for k in ("sel_l1", "sel_cc")},
+            "val_l1": final.get("val_l1"), "val_cc": final.get("val_cc"),
             "seconds": round(seconds, 1), "epochs": trial["epochs"]}
 
 
@@ -338,7 +342,8 @@ def descend(args, space, coords, epochs, runner, done, results_path):
             ran += 1
             left = len(queue) + len(runner.running)
             eta = (time.time() - t0) / ran * left / args.jobs
-            shown = (f"val L1 {common.fmt(row['val_l1'])} CC {common.fmt(row['val_cc'], 3)}"
+            shown = (f"selection L1 {common.fmt(row['sel_l1'])} CC {common.fmt(row['sel_cc'], 3)}; val L1 "
+                     f"{common.fmt(row['val_l1'])} CC {common.fmt(row['val_cc'], 3)}"
                      if row["status"] == "ok" else row["status"])
             print(f"  {row['coordinate']}={row['option']}" + (f" seed {row['seed']}" if args.seeds > 1 else "")
                   + f": {shown} ({row['seconds']:.0f} s); {left} left in this coordinate, ETA {eta / 60:.1f} min",
@@ -360,7 +365,7 @@ def summary(rows, metric):
     values = [r.get(metric) for r in rows]
     if not values or None in values:
         return "—"
-    digits = 4 if metric == "val_l1" else 3
+    digits = 4 if metric.endswith("l1") else 3
     sd = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
     return f"{statistics.mean(values):.{digits}f}{sd}"
 
@@ -372,12 +377,14 @@ def report(args, module, out, done, best_rows, extra, full_epochs):
     for row in done.values():
         trials.setdefault(row["config"], []).append(row)
     ranked = sorted(trials.values(), key=lambda rows: score(rows, args.metric))
-    lines = ["| rank | trial | setting | seeds | status | val L1 | val CC | seconds |", "|---" * 8 + "|"]
+    lines = ["| rank | trial | setting | seeds | status | selection L1 | selection CC | val L1 | val CC | seconds |",
+             "|---" * 10 + "|"]
     for i, rows in enumerate(ranked, 1):
         rows.sort(key=lambda r: r["seed"])
         status = ", ".join(sorted({r["status"] for r in rows}))
         lines.append(f"| {i} | {rows[0]['trial']} | {rows[0]['coordinate']}={rows[0]['option']} | {len(rows)} | "
-                     f"{status} | {summary(rows, 'val_l1')} | {summary(rows, 'val_cc')} | "
+                     f"{status} | {summary(rows, 'sel_l1')} | {summary(rows, 'sel_cc')} | {summary(rows, 'val_l1')} | "
+                     f"{summary(rows, 'val_cc')} | "
                      f"{sum(r['seconds'] for r in rows):.0f} |")
     table = "\n".join(lines)
     (out / "leaderboard.md").write_text(table + "\n")
@@ -388,10 +395,12 @@ def report(args, module, out, done, best_rows, extra, full_epochs):
     top = best_rows[0]
     command = shlex.join(["python", f"{module}.py", *top["args"], *extra, "--epochs", str(full_epochs)])
     best = {"experiment": module, "metric": args.metric, "trial": top["trial"], "args": top["args"],
-            "seeds": len(best_rows), "val_l1": statistics.mean(r["val_l1"] for r in best_rows),
-            "val_cc": statistics.mean(r["val_cc"] for r in best_rows), "epochs": top["epochs"], "command": command}
+            "seeds": len(best_rows), **{k: statistics.mean(r[k] for r in best_rows) for k in ("sel_l1", "sel_cc",
+                                                                                                 "val_l1", "val_cc")},
+            "epochs": top["epochs"], "command": command}
     (out / "best.json").write_text(json.dumps(best, indent=1) + "\n")
-    print(f"\nbest: {top['trial']} (val L1 {summary(best_rows, 'val_l1')}, CC {summary(best_rows, 'val_cc')}"
+    print(f"\nbest: {top['trial']} (selection L1 {summary(best_rows, 'sel_l1')}, CC {summary(best_rows, 'sel_cc')}; "
+          f"val L1 {summary(best_rows, 'val_l1')}, CC {summary(best_rows, 'val_cc')}"
           + (f", {len(best_rows)} seeds" if len(best_rows) > 1 else "") + f"); {out}/best.json\n"
           f"train it in full with:\n  {command}")
 
