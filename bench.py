@@ -249,16 +249,10 @@ def exp_args(module, flags, size, device, amp=False):
     return args
 
 
-def policy_of(module, args):
-    """The experiment's DiffAugment policy for its --diffaug (its own augment_policy, or common's)."""
-    return getattr(module, "augment_policy", getattr(common, "augment_policy", None))(args.diffaug)
-
-
 def unet_of(module, a, norm):
     """The experiment's photo-to-map network for its settings a (make_unet as its main calls it, scratch)."""
-    extra = {"convs": a.convs} if hasattr(a, "convs") else {}   # --convs, where the experiment has it
     return module.make_unet(c=a.c, depth=a.depth, norm=norm, dropout=a.dropout, skip=not a.no_skip, prior=a.prior,
-                            **extra)
+                            convs=a.convs)
 
 
 def place(model, device, variant):
@@ -322,7 +316,7 @@ def bench_exp1(args, device, variants, skipped=None):
     flags = ["--c", "16"] if args.quick else []
     data = fake_data(n["train"], n["val"], args.size, device)
     a0 = exp_args(exp1_unet, flags, args.size, device)
-    policy = policy_of(exp1_unet, a0)
+    policy = common.augment_policy(a0.diffaug)
     models = {}
 
     def build(variant):
@@ -351,7 +345,7 @@ def bench_exp2(args, device, variants, skipped=None):
     flags = ["--c", "16", "--d-c", "16"] if args.quick else []
     data = fake_data(n["train"], n["val"], args.size, device)
     a0 = exp_args(exp2_gan, flags, args.size, device)
-    policy = policy_of(exp2_gan, a0)
+    policy = common.augment_policy(a0.diffaug)
     params = {}
 
     def build(variant):
@@ -381,7 +375,7 @@ def bench_exp3(args, device, variants, skipped=None):
     flags = ["--c", "16"] if args.quick else []
     data = fake_data(n["train"], max(n["ddim"], n["ddpm"], n["k4"]), args.size, device)
     a0 = exp_args(exp3_diffusion, flags, args.size, device)
-    policy, diffusion = policy_of(exp3_diffusion, a0), exp3_diffusion.diffusion_of(a0)
+    policy, diffusion = common.augment_policy(a0.diffaug), exp3_diffusion.diffusion_of(a0)
     photos, models = data.val_x[:n["ddim"]], {}
 
     def build(variant):

@@ -495,27 +495,31 @@ def read_photo(path):
         return None, f"not a decodable image ({e})"
 
 
-LEGEND = 34  # pixels of the legend strip under the map and the overlay
+LEGEND = 46  # pixels of the legend strip under the map and the overlay
 
 
 def readable_map(vms):
-    """A predicted map (3 x H x W on [0, 1]) as a picture whose shape shows whatever its level: red and green scaled
-    together so that the brightest pixel is full brightness; returns (RGB uint8 H x W x 3, that scale)."""
-    peak = float(vms[:2].max().clamp_min(1e-6))
-    shown = (vms[:2] / peak).clamp(0, 1)
-    return torch.stack([shown[0], shown[1], torch.zeros_like(shown[0])]), peak
+    """A predicted map (3 x H x W on [0, 1]) as a picture whose shapes show whatever their level: red and green each
+    scaled to its own brightest pixel (the false VMS is much fainter than the true one), at most 10 times (a channel
+    that stays below 0.1 is all but empty, and stays faint); returns (the picture, 3 x H x W with blue at zero, and
+    the two peaks, green's and red's)."""
+    peaks = vms[:2].amax((1, 2))
+    shown = (vms[:2] / peaks.clamp_min(0.1)[:, None, None]).clamp(0, 1)
+    return torch.stack([shown[0], shown[1], torch.zeros_like(shown[0])]), (peaks[1].item(), peaks[0].item())
 
 
-def with_legend(image, peak, what):
-    """The picture with a strip below: what the colours mean and the scale the map was drawn at."""
+def with_legend(image, peaks, what):
+    """The picture with a strip below: what the colours mean and the scale each was drawn at."""
     out = Image.new("RGB", (max(image.width, 360), image.height + LEGEND), "white")
     out.paste(image, (0, 0))
     d = ImageDraw.Draw(out)
     y = image.height + 4
-    d.rectangle([4, y, 14, y + 10], fill=(0, 200, 0))
-    d.text((18, y), "true VMS (why people remember it)", fill="black")
-    d.rectangle([4, y + 14, 14, y + 24], fill=(220, 0, 0))
-    d.text((18, y + 14), f"false VMS; {what}, brightest = {peak:.2f} of full scale", fill="black")
+    for i, (colour, text, peak) in enumerate((((0, 200, 0), "true VMS: why people remember the photo", peaks[0]),
+                                             ((220, 0, 0), "false VMS: why they wrongly believe they saw it",
+                                              peaks[1]))):
+        d.rectangle([4, y + 14 * i, 14, y + 14 * i + 10], fill=colour)
+        d.text((18, y + 14 * i), f"{text} (brightest {peak:.2f} of full scale)", fill="black")
+    d.text((4, y + 30), what, fill="black")
     return out
 
 
@@ -541,16 +545,18 @@ def predict_images(args, device):
         (vms, _), seconds = timed(predict, vischema.to_model_range(x).to(device), device=device)
         vms = F.interpolate(common.to_unit(vms.float()).clamp(0, 1).cpu(), size=(photo.height, photo.width),
                             mode="bilinear", align_corners=False)[0]
-        shown, peak = readable_map(vms)
+        shown, peaks = readable_map(vms)
         as_image = lambda t: Image.fromarray((t * 255).round().byte().permute(1, 2, 0).numpy())  # noqa: E731
         grey = ImageOps.grayscale(photo).convert("RGB").point(lambda v: 40 + v // 2)   # the photo, dimmed
         alpha = Image.fromarray((shown[:2].amax(0) * 0.9 * 255).round().byte().numpy())
         overlay = Image.composite(as_image(shown), grey, alpha)
-        with_legend(as_image(shown), peak, "map scaled").save(out / f"{path.stem}_vms.png")
-        with_legend(overlay, peak, "over the dimmed photo").save(out / f"{path.stem}_overlay.png")
+        each = "each colour scaled to its brightest pixel (at most 10x)"
+        with_legend(as_image(shown), peaks, f"The map, {each}.").save(out / f"{path.stem}_vms.png")
+        with_legend(overlay, peaks, f"The map over the photo dimmed to grey, {each}.").save(
+            out / f"{path.stem}_overlay.png")
         print(f"{path}: {photo.width}x{photo.height} -> {out / (path.stem + '_vms.png')}, "
-              f"{out / (path.stem + '_overlay.png')}; brightest {peak:.2f}; {1000 * seconds:.1f} ms for the map "
-              f"({name} on {device})")
+              f"{out / (path.stem + '_overlay.png')}; brightest green {peaks[0]:.2f}, red {peaks[1]:.2f}; "
+              f"{1000 * seconds:.1f} ms for the map ({name} on {device})")
     if failed:
         print(f"{failed} of {len(args.images)} photos could not be read", file=sys.stderr)
         sys.exit(1)

@@ -2388,8 +2388,9 @@ def test_cuda_paths_train_and_match_the_cpu():
 
 
 def test_gpu_code_paths_run_on_the_cpu():
-    """What CUDA runs by default, exercised here: channels_last networks and data (the same maps as contiguous),
-    fused Adam (torch has it on CPU too: the same update as the loop), and torch.compile on a tiny network."""
+    """What CUDA runs by default, exercised here: channels_last networks (the same maps as contiguous), fused Adam
+    (torch has it on the CPU too: the same update as the loop), and a tiny run with --compile (the same numbers
+    as without, to rounding); the data and DiffAugment already live on the training device on a CPU."""
     torch.manual_seed(0)
     model, x = exp1_unet.UNet(4, 3).eval(), torch.rand(2, 3, 16, 16) * 2 - 1
     plain = common.predict(model, x, "label")
@@ -2413,10 +2414,17 @@ def test_gpu_code_paths_run_on_the_cpu():
             raise unittest.SkipTest(f"fused Adam on the CPU: {e}") from None
         results.append([p.detach() for p in ps])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*results))
-    if os.environ.get("VMS_TEST_COMPILE") == "1":                  # minutes of compiling: asked for only
-        tiny = exp1_unet.UNet(4, 2).eval()
-        with torch.no_grad():
-            assert torch.allclose(torch.compile(tiny)(x[:, :, :8, :8]), tiny(x[:, :, :8, :8]), atol=1e-5)
+    root = TMP / "ds_compile"                                  # --compile: a tiny run, compiled and eager
+    if not root.exists():
+        write_dataset(root, n=20)
+    finals = []
+    for extra in ([], ["--compile"]):
+        out = TMP / f"compiled{len(extra)}"
+        code, stdout, err = in_process(exp1_unet.main, "--data", root, "--size", 16, "--c", 4, "--depth", 2,
+                                       "--epochs", 1, "--batch-size", 4, "--out", out, *extra)
+        assert code == 0, stdout + err
+        finals.append(json.loads((out / "final.json").read_text()))
+    assert finals[1]["command"].endswith("--compile") and abs(finals[0]["val_l1"] - finals[1]["val_l1"]) < 1e-3
 
 
 def test_optimisers_are_the_experiments_own():
