@@ -352,11 +352,12 @@ class Features:
 
 
 @torch.no_grad()
-def encode(encoder, levels, photos, batch=32):
+def encode(encoder, levels, photos, batch=None):
     """Features of `photos` (N x 3 x P x P in [-1, 1]): the outputs of the encoder's `levels` for each photo and its
-    mirror image."""
+    mirror image, `batch` photos per pass (unset: common.forward_batch)."""
     encoder.eval()
     out, device = [[] for _ in levels], next(encoder.parameters()).device
+    batch = batch or common.forward_batch(photos, device, 32)
     for i in common.progress(math.ceil(len(photos) / batch), "encode", 2 * batch):
         x = photos[i * batch:(i + 1) * batch].float().to(device)
         both = [encoder.levels(x, 0, max(levels) + 1), encoder.levels(x.flip(3), 0, max(levels) + 1)]

@@ -576,6 +576,15 @@ def test_flip_averaging():
     assert torch.allclose(common.predict(net, x, "label", tta="flip"), want, atol=1e-6)
 
 
+def test_predict_batches_by_pixels_on_a_cpu_and_the_maps_do_not_depend_on_it():
+    photo = lambda side: torch.zeros(1, 3, side, side)  # noqa: E731
+    assert [common.forward_batch(photo(s), "cpu") for s in (32, 64, 128, 256, 384)] == [16, 16, 4, 1, 1]
+    assert common.forward_batch(photo(384), "cuda") == 256 and common.forward_batch(photo(384), "cuda", 32) == 32
+    torch.manual_seed(0)
+    x, net = torch.rand(6, 3, 128, 128) * 2 - 1, torch.nn.Conv2d(3, 3, 3, padding=1)
+    one_pass = common.predict(net, x, "label", batch=6)
+    assert torch.allclose(common.predict(net, x, "label"), one_pass, atol=1e-6)  # 4 per pass here: 4 + 2
+
 # --------------------------------------------------------------------------------------- common.py: figures
 def test_save_grid_layout():
     x = torch.zeros(3, 3, 32, 32)
