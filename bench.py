@@ -31,6 +31,12 @@ What it reports (printed, and with --json written; keys in brackets):
           compile_s over the seconds compiling saves per such epoch (null: it saves nothing). compile_s is a cold
           compile only where the inductor cache ($TORCHINDUCTOR_CACHE_DIR, else /tmp/torchinductor_<user>) does not
           hold these graphs yet; from the cache it takes seconds.
+  encoder: exp1's recommended network (EfficientNet-Lite0 frozen, photos 6x the map's side), needs the lite0 extra:
+      [step_ms_from_photos] [step_ms_from_features] one training step (batch 16) with the encoder run on the photos
+      and from their cached features, [features_speedup] their ratio, [features_ms_per_photo] the features of one
+      photo and its mirror image (computed once per photo and cached), [epoch_s_from_photos]
+      [epoch_s_from_features] one epoch of the study's split each way, [infer_ms] ms per map from the photo, batched
+      as the experiments predict on this device, and [infer_ms_batch16] with 16 photos per pass.
   --peers: each network against its peers at (about) equal parameters, in one thread on a CPU: [params], [gflops]
       (forward pass per image, as torch.utils.flop_counter counts it: convolutions and matrix products, a multiply-add
       = 2), [train_img_s] (forward, backward and Adam step, batch 16), [infer_ms] (ms per map, batch 16, eval mode, no
@@ -64,10 +70,11 @@ import common
 import exp1_unet
 import exp2_gan
 import exp3_diffusion
+import pretrained
 import vischema
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("data", "exp1", "exp2", "exp3")
+PARTS = ("data", "exp1", "exp2", "exp3", "encoder")
 STUDY_TRAIN = 1152  # photos an epoch of the study's split trains on: 1280 less the 10% selection split
 EVAL_MAPS = {"exp1": 448, "exp2": 448, "exp3": 512 / 5}  # maps predicted per epoch: selection + val split every epoch;
 # exp3 samples selection, val and 64 training photos every 5 epochs (--eval-every 5)
@@ -410,6 +417,69 @@ def bench_exp3(args, device, variants, skipped=None):
     return {"config": config, "params": n_params(net), **out}
 
 
+def bench_encoder(args, device, variants=None, skipped=None):
+    """exp1's recommended network on the Lite0 encoder: a training step from the photos (the frozen encoder runs
+    every step) against one from the cached features, the features' one-off cost, and inference from the photo.
+    {"skipped": why} without the extra."""
+    if not pretrained.available("lite0"):
+        return {"skipped": f"no EfficientNet-Lite0 weights: {pretrained.EXTRAS['lite0']}"}
+    photo, n = 6 * args.size, 16                                      # 384-px photos for 64-px maps
+    a = exp_args(exp1_unet, ["--encoder", "lite0", "--photo-size", str(photo)], args.size, device)
+    torch.manual_seed(0)
+    model = place(exp1_unet.make_unet("lite0", norm=a.norm, size=args.size, photo_size=photo), device, "plain")
+    opt = exp1_unet.make_optimizer([p for p in model.parameters() if p.requires_grad], a.opt, a.lr, a.betas,
+                                   a.momentum, device)
+    g = torch.Generator().manual_seed(0)
+    photos = torch.rand(n, 3, photo, photo, generator=g).mul(2).sub(1).to(device)
+    maps = torch.rand(n, 3, args.size, args.size, generator=g).mul(2).sub(1).to(device)
+    features = pretrained.encode(model.encoder, model.cached, photos)
+
+    def step(x):
+        model.train()
+        loss = (model(x) - maps).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    encode = lambda: pretrained.encode(model.encoder, model.cached, photos)  # noqa: E731
+    _, times = rounds({"photos": lambda: step(photos), "features": lambda: step(features), "encode": encode},
+                      device, n_rounds(args))
+    _, infer = rounds({b: lambda b=b: common.predict(model, photos, a.target, batch=b)
+                       for b in (None, 16)}, device, n_rounds(args))
+    steps = STUDY_TRAIN / n
+    out = {"config": f"lite0 frozen, photo {photo} px, batch {n}, {args.size}-px maps",
+           "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "step_ms_from_photos": 1000 * min(times["photos"]), "step_ms_from_features": 1000 * min(times["features"]),
+           "features_speedup": ratio(times["photos"], times["features"]),
+           "features_ms_per_photo": 1000 * min(times["encode"]) / n,
+           "infer_ms": 1000 * min(infer[None]) / n, "infer_ms_batch16": 1000 * min(infer[16]) / n}
+    out["epoch_s_from_photos"] = steps * out["step_ms_from_photos"] / 1000
+    out["epoch_s_from_features"] = steps * out["step_ms_from_features"] / 1000
+    return out
+
+
+def encoder_line(m):
+    """The printed line of the encoder part."""
+    if "skipped" in m:
+        return f"encoder: skipped ({m['skipped']})"
+    return (f"encoder ({m['config']}): training step {m['step_ms_from_photos']:.0f} ms from the photos, "
+            f"{m['step_ms_from_features']:.0f} ms from the cached features ({m['features_speedup']:.1f}x; an epoch "
+            f"{m['epoch_s_from_photos']:.0f} s against {m['epoch_s_from_features']:.0f} s); the features "
+            f"{m['features_ms_per_photo']:.0f} ms per photo and mirror, once; {m['infer_ms']:.1f} ms per map from "
+            f"the photo ({m['infer_ms_batch16']:.1f} with 16 photos per pass)")
+
+
+def part_summary(name, m):
+    """A few words on one part's result, for --gpu-check's table."""
+    if "skipped" in m:
+        return f"{name} skipped"
+    if name == "data":
+        return f"data: the cached load {m['cached_load_s']:.2f} s"
+    if name == "encoder":
+        return f"encoder {m['step_ms_from_features']:.0f} ms per step, {m['infer_ms']:.2f} ms per map"
+    return f"{name} {m['train_img_s']:.0f} img/s, {m['infer_ms']:.2f} ms per map"
+
+
 def exp_line(name, m):
     """One printed line per experiment."""
     def option(key):
@@ -731,16 +801,14 @@ def gpu_check(args):
             row["status"], row["result"] = run_step(argv, tmp / slug, tmp / f"{slug}.log", min(cap, left))
             row["log"] = str(tmp / f"{slug}.log")
         else:                               # this benchmark, in this process; compiling takes minutes
-            flags = ["--device", "cuda", "--repeats", "3", "--only", "exp1,exp2,exp3"]
+            flags = ["--device", "cuda", "--repeats", "3", "--only", "exp1,exp2,exp3,encoder"]
             flags += [] if left > 300 else ["--no-compile"]
             row["command"] = "python bench.py " + " ".join(flags)
             try:
                 deadline = time.perf_counter() + left
                 gpu["bench"] = report = run(build_parser().parse_args(flags), flags, deadline)
                 row["status"] = "ok"
-                row["result"] = "; ".join(f"{k} " + (f"{m['train_img_s']:.0f} img/s, {m['infer_ms']:.2f} ms per map"
-                                                     if "skipped" not in m else "out of time")
-                                          for k, m in report.items() if k in PARTS)
+                row["result"] = "; ".join(part_summary(k, m) for k, m in report.items() if k in PARTS)
             except (Exception, SystemExit) as e:  # noqa: BLE001  every step is reported, then the next one runs
                 row.update(status="failed", result=f"{type(e).__name__}: {e}"[:300], traceback=traceback.format_exc())
             torch.cuda.empty_cache()
@@ -797,7 +865,8 @@ def run(args, argv, deadline=None):
         print(peers_table(report["peers"]) + f"\n({time.perf_counter() - t0:.0f} s)")
         return report
     variants, skipped = variants_for(args, device)
-    for part, fn in (("data", bench_data), ("exp1", bench_exp1), ("exp2", bench_exp2), ("exp3", bench_exp3)):
+    for part, fn in (("data", bench_data), ("exp1", bench_exp1), ("exp2", bench_exp2), ("exp3", bench_exp3),
+                     ("encoder", bench_encoder)):
         if part not in args.only:
             continue
         if deadline is not None and time.perf_counter() > deadline - 90:
@@ -807,6 +876,9 @@ def run(args, argv, deadline=None):
         if part == "data":
             report[part] = bench_data(args)
             print(f"data: {json.dumps(report[part])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        elif part == "encoder":
+            report[part] = bench_encoder(args, device)
+            print(encoder_line(report[part]) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
         else:
             report[part] = fn(args, device, variants, dict(skipped))
             report[part]["seconds"] = time.perf_counter() - t0

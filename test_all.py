@@ -2465,6 +2465,12 @@ def test_bench_quick_writes_every_figure():
             assert "skipped" in m["amp"], m
     e3 = report["exp3"]
     assert e3["sample_ms_ddpm"] > 5 * e3["sample_ms_ddim"], e3         # all T ancestral steps against DDIM
+    enc = report["encoder"]
+    if pretrained.available("lite0"):                                  # the cached features spare the encoder
+        assert enc["features_speedup"] > 1.5 and enc["epoch_s_from_features"] < enc["epoch_s_from_photos"], enc
+        assert enc["features_ms_per_photo"] > 0 and enc["infer_ms"] > 0, enc
+    else:
+        assert "skipped" in enc, enc
 
 
 def test_bench_gpu_check_is_one_command_that_refuses_without_cuda():
