@@ -43,8 +43,7 @@ def build_parser():
     g = p.add_argument_group("diffusion")
     g.add_argument("--objective", choices=["eps", "v", "x0"], default="x0", help="what the network predicts: "
                    "the noise (the thesis), v = sqrt(ab) eps - sqrt(1-ab) x_0 (Salimans & Ho), the clean map")
-    g.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], default="cosine", help="the noise "
-                   "schedule")
+    g.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], default="cosine", help="schedule")
     g.add_argument("--T", type=int, default=1000, help="diffusion steps")
     g.add_argument("--beta-start", type=float, default=1e-4, help="first beta of the linear schedule")
     g.add_argument("--beta-end", type=float, default=0.02, help="last beta of the linear schedule")
@@ -220,8 +219,10 @@ class UNet(nn.Module):
         if isinstance(photos, pretrained.Features):
             photo, *feats = photos.levels()
         else:
-            with torch.no_grad():
-                feats = [self.encoder.levels(photos, 0, 5)[k] for k in self.cached]
+            with torch.no_grad():  # a few photos per pass on a CPU
+                n = common.forward_batch(photos, photos.device)
+                each = [self.encoder.levels(x) for x in photos.split(n)]
+                feats = [torch.cat([levels[k] for levels in each]) for k in self.cached]
             photo = F.interpolate(photos, size=(self.size,) * 2, mode="bicubic", antialias=True).clamp(-1, 1)
         return photo, [feats[self.cached.index(k)] for k in self.levels]
 
