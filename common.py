@@ -187,7 +187,6 @@ def from_target(out, image, target):
     return out if target == "label" else (2 * out - image).clamp(-1, 1)
 
 
-@torch.no_grad()
 def forward_batch(x, device, gpu=256):
     """Photos (or their features) per forward pass when only inferring: `gpu` on CUDA; on a CPU 16, fewer for
     photos above 64 px (about 16 x 64 x 64 pixels per pass: 4 at 128 px, 1 from 256 px on), so that the
@@ -197,6 +196,7 @@ def forward_batch(x, device, gpu=256):
     return gpu if torch.device(device).type == "cuda" else max(1, 16 * 64 * 64 // pixels)
 
 
+@torch.no_grad()
 def predict(model, photos, target, amp=False, tta="none", batch=None):
     """exp1's and exp2's maps in [-1, 1] for N photos (N x 3 x S x S, or their cached encoder features), in eval
     mode (batch-norm running statistics, no dropout). tta "flip": the mean of the maps of each photo and of its

@@ -584,6 +584,7 @@ def test_predict_batches_by_pixels_on_a_cpu_and_the_maps_do_not_depend_on_it():
     x, net = torch.rand(6, 3, 128, 128) * 2 - 1, torch.nn.Conv2d(3, 3, 3, padding=1)
     one_pass = common.predict(net, x, "label", batch=6)
     assert torch.allclose(common.predict(net, x, "label"), one_pass, atol=1e-6)  # 4 per pass here: 4 + 2
+    assert not one_pass.requires_grad                                   # inference builds no graph
 
 # --------------------------------------------------------------------------------------- common.py: figures
 def test_save_grid_layout():
