@@ -35,7 +35,7 @@ import pretrained
 EXPERIMENTS = ("exp1_unet", "exp2_gan", "exp3_diffusion")
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-NOT_SETTINGS = {"seed", "out", "resume", "fold", "device", "compile", "epochs"}  # may differ within one row
+NOT_SETTINGS = {"seed", "out", "resume", "fold", "device", "compile"}  # may differ within one row
 COLUMNS = [("l1", 4), ("l1_green", 4), ("l1_red", 4), ("cc", 3), ("cc_green", 3), ("cc_red", 3), ("cc20", 3),
            ("last_l1", 4), ("last_cc", 3), ("train_l1", 4), ("gap_l1", 4), ("fid", 1), ("kid", 4),
            ("ms_per_map_batched", 2), ("ms_per_map_batch1", 1)]

@@ -2039,7 +2039,8 @@ def test_evaluate_groups_seeds_and_nothing_else():
     key = lambda **changes: evaluate.settings_key("exp1_unet", "synthetic, 32 px", {**saved, **changes},  # noqa: E731
                                                   (None, None), None)
     assert key(seed=1) == key() == key(seed=2, out="runs/b", resume=True) == key(fold="2/5") == key(device="cuda")
-    for change in ({"lr": 0.01}, {"c": 16}, {"loss": "l1+cc"}, {"selection": 0}, {"data": "/elsewhere"}):
+    for change in ({"lr": 0.01}, {"c": 16}, {"loss": "l1+cc"}, {"selection": 0}, {"data": "/elsewhere"},
+                   {"epochs": 40}):
         assert key(**change) != key(), change
     assert evaluate.settings_key("exp1_unet", "synthetic, 64 px", saved, (None, None), None) != key()
     assert evaluate.settings_key("exp1_unet", "synthetic, 32 px", saved, (None, None), "flip") != key()
