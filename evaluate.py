@@ -573,6 +573,9 @@ def main(argv=None):
     if args.bootstrap < 1000:
         common.fail("--bootstrap needs at least 1000 resamples")
     runs = expand_runs(args.runs)
+    for run in runs:  # every run readable before minutes of work: a missing or damaged file stops here, in one line
+        read_run(run)
+        common.load_checkpoint(run / "best.pt")
     fid_net, fid_note = None, "not computed (--no-fid)"
     try:
         if not args.no_fid:
