@@ -40,7 +40,7 @@ def build_parser():
     g.add_argument("--c", type=int, default=64, help="base channels: the levels have (c, 2c, 4c, 8c, 16c)")
     g.add_argument("--depth", type=int, default=5, help="levels of the UNet (the resolution halves between)")
     g.add_argument("--convs", type=int, choices=[1, 2], default=2, help="3x3 convolutions per block: 2, the "
-                   "thesis' UNet; 1 halves its cost (docs/results.md)")
+                   "thesis' UNet; 1: faster, less accurate (docs/results.md)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout probability in the decoder blocks")
     g.add_argument("--no-skip", action="store_true", help="drop the skip connections (the thesis' planned "
                    "ablation; with --encoder: read only the deepest level)")
