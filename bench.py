@@ -432,7 +432,7 @@ def bench_encoder(args, device, variants=None, skipped=None):
     g = torch.Generator().manual_seed(0)
     photos = torch.rand(n, 3, photo, photo, generator=g).mul(2).sub(1).to(device)
     maps = torch.rand(n, 3, args.size, args.size, generator=g).mul(2).sub(1).to(device)
-    features = pretrained.encode(model.encoder, model.cached, photos)
+    features = pretrained.encode(model.encoder, model.cached, photos).to(device)  # encode() returns them on the CPU
 
     def step(x):
         model.train()
@@ -473,6 +473,8 @@ def part_summary(name, m):
     """A few words on one part's result, for --gpu-check's table."""
     if "skipped" in m:
         return f"{name} skipped"
+    if "failed" in m:
+        return f"{name} failed: {m['failed']}"
     if name == "data":
         return f"data: the cached load {m['cached_load_s']:.2f} s"
     if name == "encoder":
@@ -807,7 +809,7 @@ def gpu_check(args):
             try:
                 deadline = time.perf_counter() + left
                 gpu["bench"] = report = run(build_parser().parse_args(flags), flags, deadline)
-                row["status"] = "ok"
+                row["status"] = "failed" if any("failed" in report.get(k, {}) for k in PARTS) else "ok"
                 row["result"] = "; ".join(part_summary(k, m) for k, m in report.items() if k in PARTS)
             except (Exception, SystemExit) as e:  # noqa: BLE001  every step is reported, then the next one runs
                 row.update(status="failed", result=f"{type(e).__name__}: {e}"[:300], traceback=traceback.format_exc())
@@ -873,16 +875,22 @@ def run(args, argv, deadline=None):
             report[part] = {"skipped": "out of time (--gpu-check's budget)"}
             continue
         t0 = time.perf_counter()
-        if part == "data":
-            report[part] = bench_data(args)
-            print(f"data: {json.dumps(report[part])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-        elif part == "encoder":
-            report[part] = bench_encoder(args, device)
-            print(encoder_line(report[part]) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-        else:
-            report[part] = fn(args, device, variants, dict(skipped))
-            report[part]["seconds"] = time.perf_counter() - t0
-            print(exp_line(part, report[part]) + f"  ({report[part]['seconds']:.0f} s)", flush=True)
+        try:
+            if part == "data":
+                report[part] = bench_data(args)
+                print(f"data: {json.dumps(report[part])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            elif part == "encoder":
+                report[part] = bench_encoder(args, device)
+                print(encoder_line(report[part]) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            else:
+                report[part] = fn(args, device, variants, dict(skipped))
+                report[part]["seconds"] = time.perf_counter() - t0
+                print(exp_line(part, report[part]) + f"  ({report[part]['seconds']:.0f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001  under --gpu-check a failing part is reported and the others kept
+            if deadline is None:
+                raise
+            report[part] = {"failed": f"{type(e).__name__}: {e}"[:300], "traceback": traceback.format_exc()}
+            print(f"{part}: failed ({report[part]['failed']})", flush=True)
     return report
 
 

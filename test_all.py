@@ -2483,6 +2483,26 @@ def test_bench_gpu_check_is_one_command_that_refuses_without_cuda():
     assert code == 2 and err.startswith("error: ") and "CUDA" in err and err.count("\n") == 1, err
 
 
+
+def test_a_failing_bench_part_under_the_gpu_check_is_reported_and_the_others_kept():
+    import bench
+    real = bench.bench_encoder
+    bench.bench_encoder = lambda args, device: torch.zeros(2, device="cpu") @ torch.zeros(3)  # a shape error
+    try:
+        flags = ["--quick", "--only", "data,encoder", "--data", "synthetic", "--device", "cpu"]
+        args = bench.build_parser().parse_args(flags)
+        report = bench.run(args, flags, deadline=time.perf_counter() + 600)   # --gpu-check's way: report, go on
+        assert "RuntimeError" in report["encoder"]["failed"] and "failed" not in report["data"], report
+        assert bench.part_summary("encoder", report["encoder"]).startswith("encoder failed: RuntimeError")
+        try:                                                    # a plain benchmark run stops at the error
+            bench.run(args, flags)
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("bench.run without a deadline swallowed a failing part")
+    finally:
+        bench.bench_encoder = real
+
 # ------------------------------------------------------------------------------------------- the shipped models
 def shipped_models():
     return sorted(p.parent for p in (HERE / "models").glob("*/best.pt"))
