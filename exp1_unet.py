@@ -1,17 +1,18 @@
 """Experiment 1: a UNet that turns a photo into its VMS map, trained with an L1 loss (Algorithm 1).
 
-    python exp1_unet.py                                  # the thesis' defaults (c 64, Adam, 100 epochs)
-    python exp1_unet.py --c 16 --epochs 40 --out runs/u  # a small configuration that trains on a CPU
-    python exp1_unet.py --out runs/u --epochs 60 --resume  # continue (and extend) that run exactly
-    python exp1_unet.py --encoder lite0 --out runs/e     # on ImageNet features (the optional extra, README)
+    python exp1_unet.py                                     # the thesis' defaults (c 64, Adam, 100 epochs)
+    python exp1_unet.py --c 16 --epochs 40 --out runs/u     # a small configuration that trains on a CPU
+    python exp1_unet.py --out runs/u --epochs 60 --resume   # continue (and extend) that run exactly
+    python exp1_unet.py --encoder lite0 --out runs/e        # on ImageNet features (an optional extra, README)
 
-Reads top to bottom: settings, the model, the training loop (Algorithm 1), then plumbing. It imports only
-common.py (data, metrics, DiffAugment, run plumbing) and pretrained.py from this project; exp2 and exp3 carry
-their own copies of what they share with it, so that each experiment reads alone. Blocks between
-"# >>> shared: NAME" and "# <<< shared: NAME", and functions of the same name, are byte-identical in every
-file that has them (test_all.py checks it), so `diff exp1_unet.py exp2_gan.py` shows what the GAN adds.
+Top to bottom: settings, DiffAugment, the model, the training loop (Algorithm 1), checkpoints, main. It imports
+common.py (data, metrics, plumbing), and pretrained.py only for --encoder. Blocks between "# >>> shared: NAME" and
+"# <<< shared: NAME" are byte-identical in every experiment file that has them (test_all.py checks it).
 """
+import argparse
+import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -20,78 +21,126 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-import pretrained
 
 RESUMABLE = {"epochs", "device", "resume", "out", "compile"}  # the settings --resume may change
 
 
-# ------------------------------------------------------------------------------------------------- settings
+# ---------------------------------------------------------------------------------------------------------- settings
 def build_parser():
-    p = common.ArgumentParser("Experiment 1: UNet + L1 loss predicting VMS maps (Algorithm 1).")
-    g = p.add_argument_group("data")
-    common.add_data_flags(g)
-    g.add_argument("--diffaug", default=None, help="DiffAugment policies (translation, cutout, flip) for "
-                   "each photo and its map; 'none' disables; unset: translation,cutout (--encoder: flip)")
-    g.add_argument("--diffaug-p", type=float, default=0.9, help="probability of each policy per sample")
-    g = p.add_argument_group("model")
-    g.add_argument("--norm", choices=common.NORM_NAMES, default="batch", help="norm after each convolution")
+    p = argparse.ArgumentParser(description="Experiment 1: a UNet trained with L1 predicts VMS maps (Algorithm 1).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data, g, encoder, opt, run = (p.add_argument_group(title) for title in (
+        "data", "model", "pretrained encoder (an optional extra: README)", "optimisation", "run"))
+    common.shared_flags(data, encoder, run, __file__, RESUMABLE)
+    data.add_argument("--diffaug", default=None, help="DiffAugment policies (translation, cutout, flip) for each photo "
+                      "and its map; 'none' disables; unset: translation,cutout (--encoder: flip)")
+    g.add_argument("--norm", choices=list(NORMS), default="batch", help="norm after each convolution")
     # >>> shared: UNet flags
-    g.add_argument("--c", type=int, default=64, help="base channels: the levels have (c, 2c, 4c, 8c, 16c)")
-    g.add_argument("--depth", type=int, default=5, help="levels of the UNet (the resolution halves between)")
-    g.add_argument("--convs", type=int, choices=[1, 2], default=2, help="3x3 convolutions per block: 2, the "
-                   "thesis' UNet; 1: faster, less accurate (docs/results.md)")
+    g.add_argument("--c", type=common.positive, default=64, help="base channels: the levels have (c, 2c, 4c, ...)")
+    g.add_argument("--depth", type=common.positive, default=5, help="levels of the UNet (each halves the resolution)")
+    g.add_argument("--convs", type=int, choices=[1, 2], default=2, help="3x3 convolutions per block: 2, the thesis' "
+                   "UNet; 1: faster, less accurate (docs/results.md)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout probability in the decoder blocks")
-    g.add_argument("--no-skip", action="store_true", help="drop the skip connections (the thesis' planned "
-                   "ablation; with --encoder: read only the deepest level)")
-    g.add_argument("--prior", choices=["none", "coords", "gauss"], default="none", help="a centre prior "
-                   "(docs/experiments.md): coords, x, y and radius channels with the photo; gauss, learned "
-                   "2-D Gaussian maps mixed into the last features")
-    g.add_argument("--tta", choices=["none", "flip"], default="none", help="flip: each map is the mean of "
-                   "those of the photo and its mirror image (evaluations, best.pt's choice, evaluate.py)")
-    g = p.add_argument_group("pretrained encoder (optional extra: README)")
-    common.add_encoder_flags(g)
+    g.add_argument("--no-skip", action="store_true", help="drop the skip connections (the thesis' planned ablation; "
+                   "with --encoder: read only the deepest level)")
+    g.add_argument("--tta", choices=["none", "flip"], default="none", help="flip: each map is the mean of those of "
+                   "the photo and its mirror image (evaluations, best.pt's choice, evaluate.py)")
     # <<< shared: UNet flags
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--loss", type=common.loss_spec, default="l1", help="the pixel loss: terms joined by +, "
-                   "each with an optional weight: l1, l2, cc (1 - Pearson per channel), kl, e.g. l1+0.5cc")
-    g.add_argument("--opt", choices=list(common.DEFAULT_LR), default="adam", help="optimiser")
-    g.add_argument("--lr", type=float, default=None, help="learning rate; unset: adam 0.001, sgd 0.01, "
-                   "adadelta 1.0, adagrad 0.01")
-    g.add_argument("--lr-decay", choices=["none", "cosine"], default="none", help="cosine: the learning rate "
-                   "falls from --lr towards 0 along a half cosine over the epochs")
-    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
-                   help="Adam betas")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--batch-size", type=int, default=16, help="images per step")
-    g.add_argument("--epochs", type=int, default=100, help="passes over the training split")
-    g = p.add_argument_group("run")
-    common.add_run_flags(g, __file__, RESUMABLE)
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate the selection and val splits (and "
-                   "choose best.pt) every N epochs, and at the last")
-    g.add_argument("--sample-every", type=int, default=10, help="a sample grid every N epochs, and last")
+    opt.add_argument("--loss", type=common.loss_spec, default="l1", help="the pixel loss: terms joined by +, each with "
+                     "an optional weight: l1, l2, cc (1 - Pearson per channel), kl, e.g. l1+0.5cc")
+    opt.add_argument("--opt", choices=list(common.DEFAULT_LR), default="adam", help="optimiser")
+    opt.add_argument("--lr", type=float, default=None, help="learning rate; unset: adam 0.001, sgd 0.01, adadelta 1.0, "
+                     "adagrad 0.01")
+    opt.add_argument("--lr-decay", choices=["none", "cosine"], default="none", help="cosine: the learning rates fall "
+                     "towards 0 along a half cosine over the epochs")
+    opt.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"), help="Adam betas")
+    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    opt.add_argument("--batch-size", type=common.positive, default=16, help="images per step")
+    opt.add_argument("--epochs", type=common.positive, default=100, help="passes over the training split")
+    run.add_argument("--eval-every", type=common.positive, default=1, help="evaluate the selection and val splits "
+                     "(and choose best.pt) every N epochs, and at the last")
+    run.add_argument("--sample-every", type=common.positive, default=10, help="a sample grid every N epochs, and last")
     return p
 
 
-def checks(args, policy):
-    """(ok, message) for each rule the settings must follow; common.refuse stops at the first broken one."""
-    return [common.positive(args, "depth", "c", "batch_size", "epochs", "eval_every"),
+def checks(args):
+    """(ok, message) for each rule of this experiment's settings (common.settings adds the shared ones)."""
+    return [(set(policy(args)) <= set(AUGMENTS), f"--diffaug {args.diffaug}: policies are {', '.join(AUGMENTS)}"),
             (args.size % 2 ** (args.depth - 1) == 0, f"--size {args.size} must be a multiple of "
              f"{2 ** (args.depth - 1)} for --depth {args.depth}"),
-            *common.checks(args, policy)]
+            (args.encoder == "scratch" or set(policy(args)) <= {"flip"}, f"--diffaug {args.diffaug}: with --encoder "
+             "the photo's features are cached, so flip (or none) is the only augmentation"),
+            (args.target == "label" or not {"cc", "kl"} & {t for _, t in common.parse_loss(args.loss)},
+             f"--loss {args.loss}: cc and kl compare maps, so they need --target label")]
 
 
-# ------------------------------------------------------------------------------------------------ the model
+# ------------------------------------------------------------------------------------------------------- DiffAugment
+# >>> shared: DiffAugment
+# Differentiable augmentation (Zhao et al. 2020) of photos and maps stacked (N x 6 x S x S), so that both move alike;
+# each policy acts on each sample with probability p. Uncovered pixels are -1: a black photo, an empty map.
+def translation(x, p, ratio=0.125):
+    """Shift each sample by up to ratio * size pixels along each axis."""
+    n, _, h, w = x.shape
+    sh, sw = max(1, round(h * ratio)), max(1, round(w * ratio))
+    on = (torch.rand(n, device=x.device) < p).long()
+    ty = torch.randint(-sh, sh + 1, (n, 1), device=x.device) * on[:, None]
+    tx = torch.randint(-sw, sw + 1, (n, 1), device=x.device) * on[:, None]
+    src_y, src_x = torch.arange(h, device=x.device) - ty, torch.arange(w, device=x.device) - tx  # row r shows r - ty
+    inside = ((src_y >= 0) & (src_y < h))[:, :, None] & ((src_x >= 0) & (src_x < w))[:, None, :]
+    out = x[torch.arange(n, device=x.device)[:, None, None], :, src_y.clamp(0, h - 1)[:, :, None],
+            src_x.clamp(0, w - 1)[:, None, :]]  # N x H x W x C
+    return torch.where(inside[:, None], out.permute(0, 3, 1, 2), torch.full_like(x, -1))
+
+
+def cutout(x, p, ratio=0.5):
+    """Blank one square of ratio * size at a random position in each sample."""
+    n, _, h, w = x.shape
+    ch, cw = round(h * ratio), round(w * ratio)
+    on = torch.rand(n, 1, device=x.device) < p
+    cy = torch.randint(0, h + 1 - ch % 2, (n, 1), device=x.device) - ch // 2  # top-left corner, may lie outside
+    cx = torch.randint(0, w + 1 - cw % 2, (n, 1), device=x.device) - cw // 2
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_y, in_x = (rows >= cy) & (rows < cy + ch) & on, (cols >= cx) & (cols < cx + cw)
+    return x.masked_fill((in_y[:, :, None] & in_x[:, None, :])[:, None], -1)
+
+
+def flip(x, p):
+    """Mirror each sample left-right: the VISCHEMA paper's CNN trained on mirrored copies."""
+    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < p, x.flip(3), x)
+
+
+AUGMENTS = {"translation": translation, "cutout": cutout, "flip": flip}
+
+
+def policy(args):
+    """--diffaug "translation,cutout" -> ["translation", "cutout"]; "none" or "" -> []."""
+    return [] if args.diffaug.strip() in ("", "none") else [s.strip() for s in args.diffaug.split(",")]
+
+
+def augment(photos, maps, names, p):
+    """The policies `names` applied to each photo and its map alike (N x 3 x S x S each): (photos, maps)."""
+    x = torch.cat([photos, maps], 1)
+    for name in names:
+        x = AUGMENTS[name](x, p)
+    return x[:, :3], x[:, 3:]
+
+# <<< shared: DiffAugment
+
+
+# --------------------------------------------------------------------------------------------------------- the model
 # >>> shared: norms
-def group_count(ch):
-    """GroupNorm groups: the most groups (at most 32) that leave at least two channels in each."""
-    return max([g for g in range(1, 33) if ch % g == 0 and ch // g >= 2] or [1])
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm computed in float32 under bf16 autocast (--amp), where a CPU's bf16 group norm is slow."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
 
 
-NORMS = {
+NORMS = {  # group: the most groups (at most 32) that leave at least two channels in each
     "batch": lambda ch: nn.BatchNorm2d(ch),
     "instance": lambda ch: nn.InstanceNorm2d(ch, affine=True),
-    "layer": lambda ch: common.GroupNorm(1, ch),  # normalises over channels and pixels of each image
-    "group": lambda ch: common.GroupNorm(group_count(ch), ch),  # (in float32 under --amp: faster on a CPU)
+    "layer": lambda ch: GroupNorm(1, ch),  # normalises over channels and pixels of each image
+    "group": lambda ch: GroupNorm(max([g for g in range(1, 33) if ch % g == 0 and ch // g >= 2] or [1]), ch),
     "none": lambda ch: nn.Identity(),
 }
 # <<< shared: norms
@@ -99,214 +148,252 @@ NORMS = {
 
 # >>> shared: UNet
 class Block(nn.Sequential):
-    """Two (convs) 3x3 convolutions, each followed by norm and ReLU: N x cin x H x W -> N x cout x H x W."""
+    """convs (1 or 2) 3x3 convolutions, each followed by norm and ReLU: N x cin x H x W -> N x cout x H x W."""
 
     def __init__(self, cin, cout, norm, dropout=0.0, convs=2):
-        bias = norm == "none"  # a norm layer's shift makes the convolution's bias redundant
         layers = []
-        for i in range(convs):  # dropout, if any, between the two
+        for i in range(convs):  # dropout, if any, between the two; a norm's shift makes the conv's bias redundant
             layers += [nn.Dropout2d(dropout)] if i and dropout > 0 else []
-            layers += [nn.Conv2d(cout if i else cin, cout, 3, padding=1, bias=bias), NORMS[norm](cout),
+            layers += [nn.Conv2d(cout if i else cin, cout, 3, padding=1, bias=norm == "none"), NORMS[norm](cout),
                        nn.ReLU(inplace=True)]
         super().__init__(*layers)
-
-
-GAUSS_MAPS = 8  # --prior gauss: how many learned Gaussian maps
-
-
-def coordinates(x):
-    """The coords prior for N x C x H x W inputs: N x 3 x H x W channels x and y (pixel centres, -1 at the
-    left and top edge, +1 at the right and bottom) and the radius sqrt(x^2 + y^2) / sqrt(2)."""
-    n, _, h, w = x.shape
-    ys = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h * 2 - 1
-    xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w * 2 - 1
-    yy, xx = ys.view(h, 1).expand(h, w), xs.view(1, w).expand(h, w)
-    return torch.stack([xx, yy, (xx ** 2 + yy ** 2).sqrt() / 2 ** 0.5]).expand(n, 3, h, w)
-
-
-class GaussPrior(nn.Module):
-    """The gauss prior: k learned 2-D Gaussian maps exp(-((x - mx)^2 / 2 sx^2 + (y - my)^2 / 2 sy^2)) on the
-    coordinates' grid, means and log-widths per axis as parameters (SAM's learned priors). N x C x H x W in ->
-    N x k x H x W out, the same maps for every image."""
-
-    def __init__(self, k=GAUSS_MAPS):
-        super().__init__()
-        self.mean = nn.Parameter(torch.rand(k, 2) - 0.5)                        # (mx, my), near the centre
-        self.log_width = nn.Parameter(torch.log(0.2 + 0.4 * torch.rand(k, 2)))  # (sx, sy) in 0.2 .. 0.6
-
-    def forward(self, x):
-        xy = coordinates(x)[:1, :2].float()                                     # 1 x 2 x H x W
-        z = (xy - self.mean.view(-1, 2, 1, 1)) / self.log_width.exp().view(-1, 2, 1, 1)
-        return torch.exp(-0.5 * z.pow(2).sum(1)).unsqueeze(0).expand(len(x), -1, -1, -1).to(x.dtype)
 
 
 class UNet(nn.Module):
     """N x 3 x S x S photo in [-1, 1] -> N x 3 x S x S map in [-1, 1] (tanh).
 
-    Encoder: `depth` levels with (c, 2c, 4c, ...) channels, max pooling between levels (S must be divisible
-    by 2^(depth-1)). Decoder: the mirror image; each level upsamples with a 2x2 transposed convolution and,
-    unless skip=False, concatenates the encoder's features of the same resolution (the skip connection). prior
-    "coords" adds coordinate channels to the input, "gauss" learned Gaussian maps to the last features."""
+    Encoder: `depth` levels of (c, 2c, 4c, ...) channels, max pooling between them (S divisible by 2^(depth-1));
+    decoder: the mirror image, each level upsampling (2x2 transposed convolution) and, unless skip is False,
+    concatenating the encoder's features of its resolution (the skip connection)."""
 
-    def __init__(self, c=64, depth=5, norm="batch", dropout=0.0, skip=True, prior="none", convs=2):
+    def __init__(self, c=64, depth=5, norm="batch", dropout=0.0, skip=True, convs=2):
         super().__init__()
         ch = [c * 2 ** i for i in range(depth)]
-        self.skip, self.prior = skip, prior
-        self.down = nn.ModuleList(Block(cin, cout, norm, convs=convs) for cin, cout in
-                                  zip([3 + 3 * (prior == "coords")] + ch, ch))
+        self.skip, self.cached = skip, None
+        self.down = nn.ModuleList(Block(cin, cout, norm, convs=convs) for cin, cout in zip([3] + ch, ch))
         self.up = nn.ModuleList(nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in range(depth - 1))
-        self.dec = nn.ModuleList(Block(ch[i] * (2 if skip else 1), ch[i], norm, dropout, convs)
-                                 for i in range(depth - 1))
-        if prior == "gauss":
-            self.gauss = GaussPrior()
-            self.mix = nn.Sequential(nn.Conv2d(c + GAUSS_MAPS, c, 3, padding=1), nn.ReLU(inplace=True))
+        self.dec = nn.ModuleList(Block(ch[i] * (1 + skip), ch[i], norm, dropout, convs) for i in range(depth - 1))
         self.head = nn.Conv2d(c, 3, 1)
 
     def forward(self, x):
-        if self.prior == "coords":
-            x = torch.cat([x, coordinates(x)], 1)
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
         for i in reversed(range(len(self.up))):
-            x = self.up[i](x)
-            x = self.dec[i](torch.cat([x, skips[i]], 1) if self.skip else x)
-        if self.prior == "gauss":
-            x = self.mix(torch.cat([x, self.gauss(x)], 1))
+            x = self.dec[i](torch.cat([self.up[i](x), skips[i]], 1) if self.skip else self.up[i](x))
         return torch.tanh(self.head(x))
 
 
-def make_unet(encoder="scratch", c=64, depth=5, norm="batch", dropout=0.0, skip=True, prior="none", convs=2,
-              freeze=5, size=64, photo_size=256):
-    """The network from photo to map: the thesis' UNet, or a decoder of this file's Blocks (and prior) on a
-    pretrained encoder (pretrained.EncoderUNet)."""
-    if encoder == "scratch":
-        return UNet(c, depth, norm, dropout, skip, prior, convs)
-    block = lambda cin, cout: Block(cin, cout, norm, dropout, convs)  # noqa: E731
-    prior = GaussPrior() if prior == "gauss" else None
-    return pretrained.EncoderUNet(encoder, freeze, size, photo_size, block, skip, prior, GAUSS_MAPS)
+class Decoder(nn.Module):
+    """Cached features of a pretrained encoder's levels (pretrained.Features) -> N x 3 x S x S map in [-1, 1] (tanh).
+
+    From the deepest of the levels at most S wide (`read`; at photo size 4 S: strides 4 to 32): upsample (bilinear) to
+    the next level's side, concatenate that level (skip False: not), a Block of widths[i] channels; upsample to S, a
+    1x1 head starting at the training maps' mean. Levels of over 512 channels (the Inception's) go through 1x1
+    convolutions to 256 (the deepest), 128, ... first. `cached`: the levels it takes."""
+
+    def __init__(self, encoder, size, norm, maps, dropout=0.0, skip=True, convs=2, widths=(96, 64, 32, 16)):
+        super().__init__()
+        ch, self.sides, self.size, self.skip = encoder.channels, encoder.sides, size, skip  # (the network loads)
+        self.read = [k for k in range(len(ch)) if self.sides[k] <= size]
+        self.cached, self.reduce = self.read if skip else self.read[-1:], None
+        if max(ch) > 512:
+            wide = {k: 256 // 2 ** i for i, k in enumerate(reversed(self.read))}
+            self.reduce = nn.ModuleDict({str(k): nn.Conv2d(ch[k], wide[k], 1) for k in self.cached})
+            ch = [wide.get(k, c) for k, c in enumerate(ch)]
+        cin, blocks = ch[self.read[-1]], []
+        for k, width in zip(reversed(self.read[:-1]), widths):
+            blocks.append(Block(cin + ch[k] * skip, width, norm, dropout, convs))
+            cin = width
+        self.dec, self.head = nn.ModuleList(blocks), nn.Conv2d(cin, 3, 1)
+        with torch.no_grad():
+            self.head.bias.copy_(maps.float().mean((0, 2, 3)).clamp(-0.99, 0.99).atanh())
+
+    def forward(self, x):
+        feats = dict(zip(self.cached, x.levels()))
+        if self.reduce is not None:
+            feats = {k: self.reduce[str(k)](f) for k, f in feats.items()}
+        y = feats[self.read[-1]]
+        for k, block in zip(reversed(self.read[:-1]), self.dec):
+            y = F.interpolate(y, size=(self.sides[k],) * 2, mode="bilinear", align_corners=False)
+            y = block(torch.cat([y, feats[k]], 1) if self.skip else y)
+        if y.shape[-1] != self.size:
+            y = F.interpolate(y, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return torch.tanh(self.head(y))
+
+
+def make_unet(args, encoder, maps):
+    """The thesis' UNet for the settings `args`, or a Decoder on `encoder` whose head starts at the maps' mean."""
+    if encoder is None:
+        return UNet(args.c, args.depth, args.norm, args.dropout, not args.no_skip, args.convs)
+    return Decoder(encoder, args.size, args.norm, maps, args.dropout, not args.no_skip, args.convs)
 # <<< shared: UNet
 
 
-# ------------------------------------------------------------------------------------------------- training
-def train_epoch(model, opt, photos, maps, args, policy):
-    """Algorithm 1, one pass over the shuffled training split (photos, or their cached features, and maps).
-    Returns (mean loss, mean L1 on [0, 1])."""
+# >>> shared: encoder
+def encoder_of(args):
+    """pretrained.Encoder of --encoder, or None for scratch: pretrained.py is imported only for an encoder."""
+    if args.encoder == "scratch":
+        return None
+    import pretrained
+    return pretrained.Encoder(args.encoder, args.photo_size)
+# <<< shared: encoder
+
+
+# ------------------------------------------------------------------------------------------ training (Algorithm 1)
+def train_epoch(model, opt, x, maps, args):
+    """Algorithm 1, one pass over the shuffled training split (photos, or features, and maps): mean loss and L1."""
     model.train()
     n, bs = len(maps), min(args.batch_size, len(maps))
     order, sums, steps = torch.randperm(n).to(maps.device), torch.zeros(2, device=maps.device), n // bs
     for i in common.progress(steps, "train", bs):
         idx = order[i * bs:(i + 1) * bs]
-        image, vms = common.augment(photos[idx], maps[idx], policy, args.diffaug_p)  # photos x, true maps y
-        with torch.autocast(maps.device.type, torch.bfloat16, enabled=args.amp):
-            out = model(image).float()                                           # G(x)
+        image, vms = x[idx], maps[idx]                                         # a batch of photos x, true maps y
+        if args.encoder == "scratch":
+            image, vms = augment(image, vms, policy(args), args.diffaug_p)
+        else:  # cached features know only flip: half the samples, at random, take their mirror image's (and map)
+            on = (torch.rand(bs, device=vms.device) < 0.5) & ("flip" in policy(args))
+            image, vms = image.flip_where(on), torch.where(on.view(-1, 1, 1, 1), vms.flip(3), vms)
+        with torch.autocast(args.device, torch.bfloat16, enabled=args.amp):
+            out = model(image).float()                                         # G(x)
         loss = common.map_loss(args.loss, out, common.to_target(image, vms, args.target))  # L1 (or --loss)
         opt.zero_grad(set_to_none=True)
-        loss.backward()                                          # update the weights by the loss's gradient
+        loss.backward()                                                        # the weights follow the gradient
         opt.step()
         l1 = (common.from_target(out.detach(), image, args.target) - vms).abs().mean() / 2  # on [0, 1]
         sums += torch.stack([loss.detach(), l1])
-    train_loss, train_l1 = (sums / steps).tolist()
-    return train_loss, train_l1
+    return dict(zip(["train_loss", "train_l1"], (sums / steps).tolist()))
 
 
-# ------------------------------------------------------------------------------------------------- plumbing
-# >>> shared: optimiser and predictor
+# >>> shared: predict
+@torch.no_grad()
+def predict(model, x, args, tta=None):
+    """Maps in [-1, 1] of N photos (or their features) in eval mode, a few per pass on a CPU; tta (unset: --tta) "flip":
+    the mean of the maps of each photo and of its mirror image, mirrored back."""
+    model.eval()
+    outs, tta = [], args.tta if tta is None else tta
+    for part in x.split(256 if args.device == "cuda" else max(1, 16 * 64 * 64 // max(64, args.size) ** 2)):
+        with torch.autocast(args.device, torch.bfloat16, enabled=args.amp):
+            out = model(part).float()
+            if tta == "flip":
+                out = (out + model(part.flip(3)).float().flip(3)) / 2
+        outs.append(common.from_target(out, part, args.target))
+    return torch.cat(outs)
+
+
+def scores(model, x, maps, args):
+    """common.map_metrics of the maps predicted for photos (or features) x against their true maps (in [-1, 1])."""
+    return common.map_metrics(common.to_unit(predict(model, x, args)), common.to_unit(maps))
+
+
 def make_optimizer(params, name, lr, betas, momentum, device):
-    """The optimiser `name` (common.DEFAULT_LR's keys) with learning rate lr; Adam fused on CUDA (device: a
-    torch.device or its name)."""
-    if name == "adam":  # fused: one kernel for the whole update on CUDA
-        fused = torch.device(device).type == "cuda" or None
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=fused)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    return {"adadelta": torch.optim.Adadelta, "adagrad": torch.optim.Adagrad}[name](params, lr=lr)
+    """The optimiser `name` (common.DEFAULT_LR's keys) with learning rate lr; Adam fused (one kernel) on CUDA."""
+    options = {"adam": dict(betas=tuple(betas), fused=device == "cuda" or None), "sgd": dict(momentum=momentum)}
+    optimiser = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adadelta": torch.optim.Adadelta}.get(name)
+    return (optimiser or torch.optim.Adagrad)(params, lr=lr, **options.get(name, {}))
+# <<< shared: predict
 
 
-def load_predictor(run_dir, device="cpu", tta=None):
-    """(predict_fn, args) from a run folder's best.pt; predict_fn: N photos (at --photo-size, or their cached
-    features) -> maps, both in [-1, 1]; predict_fn.model is the network. tta: "none" or "flip" instead of the
-    run's own --tta."""
-    ck = common.load_checkpoint(Path(run_dir) / "best.pt")
-    args = common.saved_settings(build_parser, ck["args"])
-    model = common.load_own_state(make_unet(**ck["model_args"]), ck["model"])
-    model = model.to(device, memory_format=torch.channels_last)
-    tta = args.tta if tta is None else tta
-    run = lambda photos: common.predict(model, photos.to(device), args.target, args.amp, tta)  # noqa: E731
-    run.model = model
-    return run, args
-# <<< shared: optimiser and predictor
+# --------------------------------------------------------------------------------------------------- checkpoints
+# >>> shared: checkpoints
+def save_atomic(obj, path):
+    """Write to a temporary file and rename: a kill at any moment leaves the old or the new file, never half."""
+    torch.save(obj, path.with_name(path.name + ".tmp"))
+    os.replace(path.with_name(path.name + ".tmp"), path)
 
 
-def main(argv=None):
-    args = common.parse_args(build_parser, argv, RESUMABLE)  # every setting resolved (--resume: the run's)
-    policy = common.augment_policy(args.diffaug)
-    common.refuse(checks(args, policy))
-    device = common.device_for(args)
-    data = common.run_data(args, device)                      # the fit, selection and val splits
-    out = common.run_folder(args, __file__)
-    torch.manual_seed(args.seed)
-
-    model_args = dict(encoder=args.encoder, c=args.c, depth=args.depth, norm=args.norm, dropout=args.dropout,
-                      skip=not args.no_skip, prior=args.prior, convs=args.convs, freeze=args.freeze,
-                      size=args.size, photo_size=args.photo_size)
-    model = common.build(make_unet, model_args, data.train_y).to(device, memory_format=torch.channels_last)
-    photos = pretrained.split_inputs(model, data, args, device)  # photos, or their cached encoder features
-    net = torch.compile(model) if args.compile else model  # trains and predicts; `model` holds the weights
-    trained = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(trained, args.opt, args.lr, args.betas, args.momentum, device)
-    states = {"model": model, "optimizer": opt}  # what last.pt saves, by name
-    ck = common.start_or_resume(args, out, states)
-    start, best, last, seconds = ck["epoch"], ck["best"], ck["last"], ck["seconds"]
-    decay = ", cosine decay" if args.lr_decay == "cosine" else ""
-    print(f"exp1: {common.describe(model_args)}, {sum(p.numel() for p in trained) / 1e6:.2f} M trained "
-          f"parameters, loss {args.loss}, {args.opt} lr {args.lr:g}{decay}, on {common.device_name(device)}; "
-          f"run folder {out}")
-    base = common.baselines(data)                             # the constant maps, printed
-
-    status, epoch = "ok", start
+def load_checkpoint(path):
+    """A run's checkpoint (torch.load, weights only); a missing, truncated or foreign file is one error line."""
     try:
-        for epoch in range(start + 1, args.epochs + 1):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        what = f"damaged or not a checkpoint ({type(e).__name__})" if Path(path).exists() else "no such file"
+        common.fail(f"{path}: {what}; evaluate.py reads best.pt, --resume last.pt; to train again, use another --out")
+
+
+def save_last(out, states, **info):
+    """last.pt: the state of every network and optimiser in `states`, the RNG states and `info` (epoch, best, ...)."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    save_atomic({**{name: obj.state_dict() for name, obj in states.items()}, **info, "rng": rng}, out / "last.pt")
+
+
+def start(args, out, data, states):
+    """A new run writes args.json (with the data it found), an empty metrics.jsonl and starts at epoch 0; --resume
+    loads last.pt into `states`, restores the RNG, keeps metrics.jsonl up to its epoch. Returns last.pt or a new run."""
+    ck, kept = {"epoch": 0, "step": 0, "best": {"sel_l1": math.inf, "epoch": 0}, "seconds": 0.0, "last": None}, []
+    if args.resume:
+        ck = load_checkpoint(out / "last.pt")
+        for name, obj in states.items():
+            obj.load_state_dict(ck[name])
+        torch.set_rng_state(ck["rng"]["cpu"])
+        if ck["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        kept = [ln + "\n" for ln in lines if ln.strip() and json.loads(ln)["epoch"] <= ck["epoch"]]
+        print(f"resume: {out} from epoch {ck['epoch']} (best.pt: epoch {ck['best']['epoch']})")
+    (out / "metrics.jsonl").write_text("".join(kept))
+    (out / "args.json").write_text(json.dumps({**vars(args), "data": data.source}, indent=1))
+    return ck
+# <<< shared: checkpoints
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    args = common.settings(build_parser, argv, RESUMABLE, checks)  # every setting, resolved (--resume: the run's)
+    data, base, out = common.begin(args, __file__)  # the splits, the constant maps' metrics, the run folder
+    torch.manual_seed(args.seed)
+    encoder = encoder_of(args)                                    # None: the UNet sees the photos themselves
+    model = make_unet(args, encoder, data.y["train"]).to(args.device, memory_format=torch.channels_last)
+    x = encoder.features(data, model.cached, args.device) if encoder else data.x  # photos, or cached features
+    net = torch.compile(model) if args.compile else model  # trains and predicts; `model` holds the weights
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], args.opt, args.lr, args.betas,
+                         args.momentum, args.device)
+    states = {"model": model, "optimizer": opt}           # what last.pt saves, by name
+    first, best, last, seconds = map(start(args, out, data, states).get, ("epoch", "best", "last", "seconds"))
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"exp1: {args.encoder} {type(model).__name__}, {n_params / 1e6:.2f} M trained parameters, loss {args.loss}, "
+          f"{args.opt} lr {args.lr:g}{', cosine decay' * (args.lr_decay == 'cosine')}; run folder {out}")
+
+    status, epoch = "ok", first
+    try:
+        for epoch in range(first + 1, args.epochs + 1):
             t0 = time.perf_counter()
-            common.set_lr([(opt, args.lr)], args.lr_decay, epoch, args.epochs)
-            train_loss, train_l1 = train_epoch(net, opt, photos["train"], data.train_y, args, policy)
-            if not math.isfinite(train_loss):
+            common.set_lr(opt, args.lr, args.lr_decay, epoch, args.epochs)
+            losses = train_epoch(net, opt, x["train"], data.y["train"], args)
+            if not all(map(math.isfinite, losses.values())):
                 status = "diverged"
-                print(f"epoch {epoch}: the loss became {train_loss}; the run diverged")
+                print(f"epoch {epoch}: a loss became non-finite ({losses}); the run diverged")
                 break
-            row, text = {"epoch": epoch, "train_loss": train_loss, "train_l1": train_l1}, ""
-            if epoch % args.eval_every == 0 or epoch == args.epochs:  # choose on the selection split
-                val = common.evaluate(net, photos["val"], data.val_y, args)  # and report the val split
-                sel = common.evaluate(net, photos["sel"], data.sel_y, args) if args.selection else val
-                row.update(sel_l1=sel["l1"], sel_cc=sel["cc"], **common.prefixed("val_", val))
+            row, text = {"epoch": epoch, **losses}, ""
+            if epoch % args.eval_every == 0 or epoch == args.epochs:  # choose on the selection split, report val
+                val = scores(net, x["val"], data.y["val"], args)
+                sel = scores(net, x["sel"], data.y["sel"], args) if args.selection else val
+                row.update(sel_l1=sel["l1"], sel_cc=sel["cc"], **{"val_" + k: val[k] for k in common.METRICS_ROW})
                 text, last = common.metrics_text(val), row
                 if sel["l1"] < best["sel_l1"]:
-                    best = {"epoch": epoch, **common.prefixed("sel_", sel),
-                            **common.prefixed("val_", val, val)}
-                    common.save_atomic({"model": common.own_state(model), "model_args": model_args,
-                                        "args": vars(args), "epoch": epoch, "metrics": best,
-                                        "experiment": "exp1_unet"}, out / "best.pt")
+                    best = {"epoch": epoch, **{"sel_" + k: sel[k] for k in common.METRICS_ROW},
+                            **{"val_" + k: v for k, v in val.items()}}
+                    save_atomic({"model": model.state_dict(), "args": {**vars(args), "data": data.source},
+                                 "epoch": epoch, "metrics": best, "experiment": Path(__file__).stem}, out / "best.pt")
             if epoch % args.sample_every == 0 or epoch == args.epochs:
-                pred = common.predict(net, photos["val"][:8], args.target, args.amp, args.tta)
-                common.save_grid(out / "samples" / f"epoch{epoch:04d}.png",
-                                 [data.val_x[:8], data.val_y[:8], pred], ["photo", "true map", "predicted"])
+                common.save_grid(out / "samples" / f"epoch{epoch:04d}.png", [data.x["val"][:8], data.y["val"][:8],
+                                 predict(net, x["val"][:8], args)], ["photo", "true map", "predicted"])
             dt = time.perf_counter() - t0
             seconds += dt
-            common.save_last(out, states, args, epoch=epoch, best=best, last=last, seconds=seconds)
-            tail = common.log_epoch(out, {**row, "seconds": dt}, epoch, args.epochs, seconds,
-                                    best["epoch"] == epoch)
-            print(f"epoch {epoch:4d}/{args.epochs}  train loss {train_loss:.4f}  train L1 {train_l1:.4f}  "
-                  f"{text}  {tail}", flush=True)
+            save_last(out, states, epoch=epoch, best=best, last=last, seconds=seconds)
+            tail = common.log_epoch(out, {**row, "seconds": dt}, epoch, args.epochs, seconds, best["epoch"] == epoch)
+            print(f"epoch {epoch:4d}/{args.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()) +
+                  f"  {text}  {tail}", flush=True)
     except KeyboardInterrupt:
-        common.interrupted(out, __file__)
+        print(f"\ninterrupted; continue with: python {Path(__file__).name} --out {out} --resume")
+        raise SystemExit(130) from None
 
-    train_l1, n = None, common.TRAIN_EVAL
-    if best["epoch"] > 0:  # the chosen weights' L1 on (the first 256 of) the photos they were fitted to
-        common.load_own_state(model, common.load_checkpoint(out / "best.pt")["model"])
-        train_l1 = common.evaluate(net, photos["train"][:n], data.train_y[:n], args)["l1"]
-    common.finish(out, args, build_parser, __file__, status=status, epoch=epoch, best=best, last=last,
-                  seconds=seconds, baselines=base, params=sum(p.numel() for p in trained), train_l1=train_l1)
+    if best["epoch"]:  # the chosen weights' L1 on (the first 256 of) the photos they were fitted to
+        model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    train_l1 = scores(net, x["train"][:256], data.y["train"][:256], args)["l1"] if best["epoch"] else None
+    common.finish(out, args, build_parser, __file__, data, status=status, epoch=epoch, best=best, last=last,
+                  seconds=seconds, baselines=base, params=n_params, train_l1=train_l1)
 
 
 if __name__ == "__main__":

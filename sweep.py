@@ -77,7 +77,7 @@ SPACES = {
 def build_parser():
     p = argparse.ArgumentParser(description="Coordinate-descent hyperparameter search over one experiment, as in "
                                 "the study (§4.2). Arguments after -- are passed to every trial.",
-                                formatter_class=common.HelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("exp", choices=list(EXPERIMENTS), help="which experiment to search")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the experiment's own)")
     p.add_argument("--full-epochs", type=int, default=None, help="epochs in the printed command that trains the "
