@@ -61,8 +61,7 @@ def fold_spec(text, fraction=False):
     if fraction and re.fullmatch(r"\s*(0|0?\.\d+|0\.)\s*", str(text)):
         return float(text)
     if not match or not 1 <= int(match[1]) <= int(match[2]) >= 2:
-        raise argparse.ArgumentTypeError(f"{text!r}: give K/N with 1 <= K <= N and N >= 2, e.g. 2/5" + fraction * (
-            ", or a fraction from 0 to below 1"))
+        raise argparse.ArgumentTypeError(f"{text!r}: give K/N (1 <= K <= N, N >= 2), e.g. 2/5" + fraction * ", or 0.1")
     return f"{int(match[1])}/{int(match[2])}"
 
 
@@ -450,9 +449,10 @@ def resolved_defaults(args):
 
 
 def settings(build_parser, argv, resumable, checks):
-    """A run's settings, resolved once: the flags (--resume: its args.json's, only `resumable` ones may change), then
-    resolved_defaults; one error line for the first broken rule of `checks(args)` ((ok, message) pairs) or below."""
+    """A run's settings resolved once: the flags (--resume: its args.json's, only `resumable` may change), then defaults
+    that depend on others; one error line for a bad flag or the first broken rule of `checks(args)` or below."""
     parser = build_parser()
+    parser.error = fail  # one line, not argparse's usage
     args = parser.parse_args(argv)
     if args.resume:
         if args.out is None or not (Path(args.out) / "last.pt").exists() or not (Path(args.out) / "args.json").exists():

@@ -65,6 +65,8 @@ def build_parser():
                    "or several (0: ancestral over all T); default: the run's own")
     p.add_argument("--samples", type=int, nargs="+", default=None, help="diffusion runs: samples averaged per map, "
                    "one value or several (every combination with --sample-steps is a row); default: the run's own")
+    p.add_argument("--noise", type=int, nargs="+", default=None, help="diffusion runs: seeds of the sampler's noise, "
+                   "a row for each (single samples side by side in compare.png); default: the run's --seed")
     p.add_argument("--tta", choices=["none", "flip"], default=None, help="exp1/exp2 runs: flip-averaged maps or not "
                    "(default: each run's own --tta)")
     p.add_argument("--no-group", action="store_true", help="one row per model, even for models differing only in seed")
@@ -104,9 +106,11 @@ def load_data(saved, override, device):
 class Run:
     """A trained run as a predictor: its best.pt on its own data. maps(split, limit) gives (maps in [-1, 1], the
     per-pixel std of diffusion's samples or None) for the first `limit` photos of a split; photo_maps(photos) the maps
-    of photos of any size (N x 3 x H x W in [-1, 1]). combo: diffusion's (sample steps, samples); tta: exp1/exp2's."""
+    of photos of any size (N x 3 x H x W in [-1, 1]). combo: diffusion's (sample steps, samples, noise seed); tta:
+    exp1/exp2's."""
+    members = ()  # (an Ensemble's runs)
 
-    def __init__(self, path, device, combo=(None, None), tta=None, data=None):
+    def __init__(self, path, device, combo=(None, None, None), tta=None, data=None):
         self.path, self.device = Path(path), device
         saved = json.loads((self.path / "args.json").read_text())
         final = json.loads((self.path / "final.json").read_text()) if (self.path / "final.json").exists() else {}
@@ -114,8 +118,9 @@ class Run:
         if self.experiment not in EXPERIMENTS:
             common.fail(f"{path}: cannot tell which experiment made it (no 'experiment' in final.json)")
         self.module, self.final = importlib.import_module(self.experiment), final
-        ck = self.module.load_checkpoint(self.path / "best.pt")
-        self.args = argparse.Namespace(**{**ck["args"], "device": device.type})
+        ck, (steps, k, noise) = self.module.load_checkpoint(self.path / "best.pt"), combo
+        self.args = argparse.Namespace(**{**ck["args"], "device": device.type, **({"seed": noise} if noise is not None
+                                                                                  else {})})  # noise: the sampler's
         self.data = load_data(vars(self.args), data, device)
         self.encoder = self.module.encoder_of(self.args)
         self.model = (self.module.UNet(self.args.c, self.args.norm, self.args.attn, self.encoder, self.args.size)
@@ -123,15 +128,15 @@ class Run:
                       self.module.make_unet(self.args, self.encoder, torch.zeros(1, 3, 1, 1)))
         self.model.load_state_dict(ck["model"])
         self.model.to(device, memory_format=torch.channels_last)
-        steps, k = combo
         self.combo = (self.args.sample_steps if steps is None else steps, k or self.args.samples) \
             if self.experiment == "exp3_diffusion" else (None, None)
         self.tta = None if self.experiment == "exp3_diffusion" else tta or self.args.tta
-        how = (f" (DDIM-{self.combo[0]}" if self.combo[0] else " (ancestral") + f", {self.combo[1]} samples)" \
-            if self.combo[0] is not None else (" +flip" if tta == "flip" else "")
+        how = (f" (DDIM-{self.combo[0]}" if self.combo[0] else " (ancestral") + f", {self.combo[1]} samples" + (
+            f", noise {noise})" if noise is not None else ")") if self.combo[0] is not None else \
+            " +flip" * (tta == "flip")
         self.name, self.seed, self.fold = self.path.name + how, self.args.seed, self.args.fold
         settings = {k: v for k, v in vars(self.args).items() if k not in NOT_SETTINGS}
-        self.key = json.dumps([self.experiment, settings, self.combo, self.tta], sort_keys=True, default=str)
+        self.key = json.dumps([self.experiment, settings, self.combo, self.tta, noise], sort_keys=True, default=str)
         self.label = re.sub(r"([-_](s(eed)?|f(old)?)\d+)+$", "", self.path.name) + how  # without seed and fold
 
     def predict(self, x):
@@ -203,11 +208,12 @@ def load_models(args, device):
             names = json.loads((path / "ensemble.json").read_text())["members"]
             return Ensemble([Run(path / n, device, combo, args.tta, args.data) for n in names], path)
         return Run(path, device, combo, args.tta, args.data)
-    combos = [(s, k) for s in args.sample_steps or [None] for k in args.samples or [None]]
+    combos = [(s, k, n) for s in args.sample_steps or [None] for k in args.samples or [None]
+              for n in args.noise or [None]]
     diffusion = lambda p: (p / "final.json").exists() and "exp3" in json.loads((p / "final.json").read_text())[  # noqa
         "experiment"]  # a diffusion run is one model for each sampler setting
-    models = [model(p, c) for p in runs(args.runs) for c in (combos if diffusion(p) else [(None, None)])]
-    models += [Ensemble([model(p, (None, None)) for p in runs(group)]) for group in args.ensemble]
+    models = [model(p, c) for p in runs(args.runs) for c in (combos if diffusion(p) else [(None, None, None)])]
+    models += [Ensemble([model(p, (None, None, None)) for p in runs(group)]) for group in args.ensemble]
     return models
 
 
@@ -255,7 +261,7 @@ def evaluate(model, args, fid_net):
            "label": model.label, "seed": model.seed, "fold": model.fold, "data": data.source,
            "command": model.final.get("command", ""), "best_epoch": model.final.get("best_epoch"),
            "chosen_on": model.final.get("chosen_on", "selection split"), "metrics": m, "per_category": per_cat,
-           "members": [str(r.path) for r in getattr(model, "members", [])]}
+           "members": [str(r.path) for r in model.members]}
     print(f"{model.name}: {split} L1 {m['l1']:.4f} CC {m['cc']:.3f} (green {m['cc_green']:.3f}, red {m['cc_red']:.3f}),"
           f" {m['ms_per_map_batch1']:.0f} ms/map from the photo" + (f", FID {m['fid']:.1f}" if m["fid"] else ""),
           flush=True)
@@ -526,6 +532,8 @@ def results_markdown(groups, baselines, args, fid_note, device, reference):
 def read_photo(path):
     """A photo as RGB, turned upright by its EXIF orientation (transparent pixels laid on black, and said); None
     with the reason when it cannot be read."""
+    if not Path(path).is_file():
+        return None, "no such file"
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -567,7 +575,7 @@ def predict_images(args, device):
     for start in range(0, len(files), args.batch):
         batch = [(f, *read_photo(f)) for f in files[start:start + args.batch]]
         for f, _, why in [b for b in batch if b[1] is None]:
-            print(f"error: {f}: {why or 'no such file'}; skipped", file=sys.stderr)
+            print(f"error: {f}: {why}; skipped", file=sys.stderr)
         batch, failed = [b for b in batch if b[1] is not None], failed + sum(b[1] is None for b in batch)
         if not batch:
             continue
