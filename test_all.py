@@ -1560,3 +1560,23 @@ def test_lint():
         pytest.skip("ruff is not installed (pip install ruff; .ci/run installs it)")
     p = subprocess.run(["ruff", "check", "."], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+@slow
+def test_tools_bench_and_ship(runs, tmp_path):
+    p = run("tools/bench.py", "--quick", "--only", "exp1", "data", "--repeats", 1, "--json", tmp_path / "b.json",
+            cwd=tmp_path)
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert p.returncode == 0 and p.stdout.splitlines()[1].startswith("exp1: train_img_s"), p.stdout + p.stderr
+    assert figures["exp1"]["train_img_s"] > 0 and "contiguous_train_ratio" in figures["exp1"] and "skipped" in \
+        figures["data"] and "torch" in figures["hardware"]
+    sys.path.insert(0, str(HERE / "tools"))
+    import ship
+    code, out, err = in_process(ship.main, runs["u-s0"], runs["u-s1"], "--out", tmp_path / "model")
+    assert code == 0 and "largest change" in out, out + err
+    record = json.loads((tmp_path / "model" / "ensemble.json").read_text())
+    assert record["members"] == ["u-s0", "u-s1"] and record["shipped"]["float16_largest_change"] <= 1e-4
+    assert torch.load(tmp_path / "model" / "u-s0" / "best.pt", weights_only=True)["model"]["head.weight"].dtype == \
+        torch.float16
+    code, out, err = in_process(evaluate.main, tmp_path / "model", "--no-fid", "--out", tmp_path / "ev")
+    assert code == 0 and abs(results(tmp_path / "ev")["models"][0]["metrics"]["cc"] - record["val_cc"]) < 1e-9, err
