@@ -154,14 +154,17 @@ class Run:
             FEATURES[key] = self.encoder.features(self.data, self.model.cached, self.device, (split,), keep=True)[split]
         return self.predict(FEATURES[key][:limit])
 
-    def photo_maps(self, images):
-        """Maps in [-1, 1] of PIL images of any size, each resized to --photo-size as the loader does (bicubic)."""
-        size = self.args.photo_size
+    def photo_maps(self, images, shared=None):
+        """Maps in [-1, 1] of PIL images of any size, each resized to --photo-size as the loader does (bicubic).
+        shared: a dict in which an ensemble's members on one encoder (and photo size) share its features."""
+        size, shared = self.args.photo_size, {} if shared is None else shared
         x = common.to_model_range(torch.stack([torch.from_numpy(np.array(im.resize((size, size), Image.BICUBIC)))
                                                for im in images]).permute(0, 3, 1, 2)).to(self.device)
-        if self.encoder is not None:
-            x = self.module.inputs(self.model, self.encoder, self.device, photos=x) if \
-                self.experiment == "exp3_diffusion" else self.encoder(x, self.model.cached)
+        if self.encoder is not None and self.experiment == "exp3_diffusion":
+            x = self.module.inputs(self.model, self.encoder, self.device, photos=x)
+        elif self.encoder is not None:
+            key = (self.encoder.name, size, tuple(self.model.cached))
+            x = shared[key] = shared[key] if key in shared else self.encoder(x, self.model.cached)
         return self.predict(x)[0]
 
 
@@ -188,7 +191,8 @@ class Ensemble:
         return torch.stack([m.maps(split, limit)[0] for m in self.members]).mean(0), None
 
     def photo_maps(self, images):
-        return torch.stack([m.photo_maps(images) for m in self.members]).mean(0)
+        shared = {}  # members on one encoder compute its features once
+        return torch.stack([m.photo_maps(images, shared) for m in self.members]).mean(0)
 
 
 def load_models(args, device):
