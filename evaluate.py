@@ -85,7 +85,7 @@ def build_parser():
 
 
 # ---------------------------------------------------------------------------------------------------------- models
-DATA, FEATURES = {}, {}  # each data set (by its settings) and each encoder's features (by data and levels), loaded once
+DATA, FEATURES = {}, {}  # each data set (by its settings), each encoder's features (by photos and levels): loaded once
 
 
 def load_data(saved, override, device):
@@ -147,11 +147,12 @@ class Run:
     def maps(self, split, limit=None):
         if self.encoder is None:
             return self.predict(self.data.x[split][:limit])
-        key = (id(self.data), self.encoder.name, self.args.photo_size, tuple(self.model.cached), split)
+        key = (self.data.source, tuple(self.data.names[split]), self.args.size, self.encoder.name, self.args.photo_size,
+               tuple(self.model.cached), self.experiment == "exp3_diffusion")  # models on one split's photos share
         if key not in FEATURES and self.experiment == "exp3_diffusion":
             FEATURES[key] = self.module.inputs(self.model, self.encoder, self.device, self.data)[split]
-        elif key not in FEATURES:  # the features' file is read once, and only this split kept from it per data
-            FEATURES[key] = self.encoder.features(self.data, self.model.cached, self.device, (split,), keep=True)[split]
+        elif key not in FEATURES:  # only the split's features are kept from the file (an Inception's: 4.5 GB)
+            FEATURES[key] = self.encoder.features(self.data, self.model.cached, self.device, (split,))[split]
         return self.predict(FEATURES[key][:limit])
 
     def photo_maps(self, images, shared=None):

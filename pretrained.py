@@ -379,9 +379,6 @@ def photos_at(data, names, size):
                                                        align_corners=False).clamp(-1, 1)
 
 
-KEPT = {}  # cache files' contents that Encoder.features was asked to keep, by key
-
-
 class Encoder:
     """A frozen ImageNet network from a wheel (ENCODERS) as a source of features of photos seen at photo_size px.
     Its network loads on first use (net); channels and sides(photo_size) say what each level holds. An encoder is
@@ -426,10 +423,9 @@ class Encoder:
                 out[j].append(torch.stack([both[0][k], both[1][k]]).half().cpu())
         return Features(torch.cat(o, 1) for o in out)
 
-    def features(self, data, levels, device="cpu", splits=common.SPLITS, keep=False):
+    def features(self, data, levels, device="cpu", splits=common.SPLITS):
         """{split: Features of the `levels` of its photos at photo_size, on `device`} for `splits` of `data`
-        (common.VMSData): computed once and cached next to the data like its cache (the synthetic set's are not);
-        keep: hold the file's contents in this process for later calls (evaluate.py scores many runs on one)."""
+        (common.VMSData): computed once and cached next to the data like its cache (the synthetic set's are not)."""
         size, names = self.photo_size, list(dict.fromkeys(n for s in common.SPLITS for n in data.names[s]))
         make = lambda: {"names": names, "tensors": self(photos_at(data, names, size), levels).tensors}  # noqa: E731
         what = f"{self.name} features of levels {levels} of {len(names)} photos and their mirror images at {size} px"
@@ -440,9 +436,7 @@ class Encoder:
         paths = common.cache_files(root, f"features_{self.name}_{size}px_levels{''.join(map(str, levels))}.pt")
         key = hashlib.sha256(json.dumps([common.cache_key(root, every, size), WHEELS[self.name][2],
                                          list(levels)]).encode()).hexdigest()
-        contents = KEPT.get(key) or common.cached(paths, key, what, make)
-        KEPT.update({key: contents} if keep else {})
-        return self.split(contents, data, device, splits)
+        return self.split(common.cached(paths, key, what, make), data, device, splits)
 
     @staticmethod
     def split(cached, data, device, splits):
