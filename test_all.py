@@ -1238,6 +1238,16 @@ def test_evaluate_scores_each_run_on_its_own_data(runs, tmp_path):
     assert code == 2 and f"trained on {runs['ds']}, not on --data {tmp_path}" in err, err
     code, _, err = in_process(evaluate.main, runs["ds"], "--out", tmp_path / "x")
     assert code == 2 and "not a run folder" in err, err
+    code, stdout, err = in_process(evaluate.main, "--no-fid", runs["u-s0"], "--split", "sel", "--out", tmp_path / "s")
+    final = json.loads((runs["u-s0"] / "final.json").read_text())       # the selection split: what chose best.pt
+    assert code == 0 and math.isclose(results(tmp_path / "s")["models"][0]["metrics"]["l1"], final["sel_l1"],
+                                      rel_tol=1e-5), stdout + err
+    code, _, err = in_process(evaluate.main, "--no-fid", "--ensemble", runs["u-s0"], runs["disk"], "--out", tmp_path)
+    assert code == 2 and "not one val split" in err, err                # members must share the split they report
+    assert in_process(exp1.main, *tiny(tmp_path / "bag", 1), "--selection", "1/2")[0] == 0
+    code, _, err = in_process(evaluate.main, "--no-fid", "--ensemble", runs["u-s0"], tmp_path / "bag", "--split", "sel",
+                              "--out", tmp_path / "s")
+    assert code == 2 and "sel splits differ" in err, err                # bagged members each chose on their own
     (tmp_path / "blocker").write_text("")
     for main, argv in ((exp1.main, ["--data", "synthetic"]), (evaluate.main, [runs["u-s0"]])):
         code, _, err = in_process(main, *argv, "--out", tmp_path / "blocker" / "run")
