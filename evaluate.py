@@ -138,7 +138,7 @@ class Run:
         self.name, self.seed, self.fold = self.path.name + how, self.args.seed, self.args.fold
         settings = {k: v for k, v in vars(self.args).items() if k not in NOT_SETTINGS}
         self.key = json.dumps([self.experiment, settings, self.combo, self.tta, noise], sort_keys=True, default=str)
-        self.label = re.sub(r"([-_](s(eed)?|f(old)?)\d+)+$", "", self.path.name) + how  # without seed and fold
+        self.label = re.sub(r"([-_](s(eed)?|f(old)?|bag)\d+)+$", "", self.path.name) + how  # no seed, fold, bag
 
     def predict(self, x):
         if self.experiment == "exp3_diffusion":
@@ -185,7 +185,9 @@ class Ensemble:
         for m in members:
             counts[m.label] = counts.get(m.label, 0) + 1
         self.label = "ensemble " + " + ".join(f"{n} {label}" for label, n in counts.items())
-        self.name = self.path.name if path else self.label + f" ({', '.join(m.path.name for m in members)})"
+        names = [m.path.name for m in members]
+        shown = ", ".join(names) if len(names) < 5 else f"{names[0]}, …, {names[-1]}"
+        self.name = self.path.name if path else f"{self.label} ({shown})"
         self.seed, self.fold = tuple(m.seed for m in members), first.fold
         self.key = json.dumps(sorted(m.key for m in members))
         self.final = json.loads((self.path / "ensemble.json").read_text()) if path else {}
