@@ -85,7 +85,8 @@ def experiment(name, args, device, data, sync):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         if name == "exp3":
             net = module.UNet(s.c, s.norm, s.attn, None, s.size).to(device, memory_format=fmt)
-            ema, opt, diffusion = copy.deepcopy(net), torch.optim.Adam(net.parameters()), module.Diffusion(s)
+            ema, diffusion = copy.deepcopy(net).requires_grad_(False), module.Diffusion(s)
+            opt = torch.optim.Adam(net.parameters(), lr=s.lr, betas=tuple(s.betas), fused=device.type == "cuda" or None)
             run = torch.compile(net) if compiled else net
             train = lambda: module.train_epoch(run, ema, opt, x, y, diffusion, s, 0)  # noqa: E731
             infer = lambda: module.predict(run, x[:16], diffusion, s, s.sample_steps, 1)  # noqa: E731
@@ -125,8 +126,11 @@ def data_part(args):
         return {"skipped": "needs the real data (--data PATH or $VISCHEMA_DIR)"}
     names = sorted(set(sum(common.split_names(root), [])))
     key, paths = common.cache_key(root, names, args.size), common.cache_files(root, f"cache_{args.size}px.pt")
-    decode = lambda: [common.decode_all(root, k, names, args.size) for k in ("images", "vms")]  # noqa: E731
-    load = lambda: common.cached(paths, key, "data", lambda: {})  # noqa: E731
+
+    def decode():  # what load_data caches, so that a cache the warm-up makes is load_data's own
+        return {"names": names, "images": common.decode_all(root, "images", names, args.size),
+                "maps": common.decode_all(root, "vms", names, args.size)}
+    load = lambda: common.cached(paths, key, "data", decode)  # noqa: E731
     with contextlib.redirect_stdout(io.StringIO()):
         load()
         best, _ = rounds({"decode": decode, "cached": load}, max(1, args.repeats // 2), lambda: None)
