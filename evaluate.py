@@ -80,7 +80,7 @@ def build_parser():
                    "folder, such as one of models/)")
     p.add_argument("--images", nargs="+", default=[], help="photos (any size) or folders of photos for --predict")
     p.add_argument("--csv", default=None, help="--predict: also write this CSV, one line per photo with the brightest "
-                   "and the total green (true VMS) and red (false VMS) on [0, 1]")
+                   "and the mean green (true VMS) and red (false VMS) on [0, 1]")
     p.add_argument("--batch", type=int, default=16, help="--predict: photos read and mapped at a time")
     return p
 
@@ -497,7 +497,7 @@ def results_markdown(groups, baselines, args, fid_note, device, reference):
              "last: the run's last epoch.", "",
              "| model | experiment | n | " + " | ".join(HEADS) + " |", "|" + "---|" * (len(HEADS) + 3)]
     for where, base in baselines.items():
-        lines += [f"| {name} ({Path(where).name}) | baseline | — | " + " | ".join(
+        lines += [f"| {name} ({re.sub(r'^.*/(?=[^/]*, [0-9]+ px)', '', where)}) | baseline | — | " + " | ".join(
             common.fmt(m.get(k), d) for k, d in COLUMNS) + " |" for name, m in base.items()]
     lines += [f"| {g['name']} | {g['rows'][0]['experiment']} | {g['n']} | " + " | ".join(
         cell(g, k, d) for k, d in COLUMNS) + " |" for g in groups]

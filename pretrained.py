@@ -308,9 +308,10 @@ def fid_network(path=None, need="FID"):
     if path and not Path(path).is_file():
         raise MissingExtra(f"--inception-weights {path}: no such file")
     try:
+        flag = "--inception-weights PATH to " * (need == "FID")  # (evaluate.py's flag)
         file = Path(path) if path else wheel_file("inception", f"{need} needs the Inception weights of the optional "
-                                                  f"extra: {EXTRAS['inception']} (or --inception-weights PATH to "
-                                                  f"pytorch-fid's {FID_WEIGHTS}, or that file in {hub.parent})")
+                                                  f"extra: {EXTRAS['inception']} (or {flag}pytorch-fid's "
+                                                  f"{FID_WEIGHTS} in {hub.parent})")
     except MissingExtra:
         if not hub.is_file():
             raise

@@ -1107,6 +1107,16 @@ def test_a_run_without_a_finite_val_l1_or_that_diverges_ends_cleanly(tmp_path, m
     assert common.fmt(None) == "—" and common.fmt(float("nan")) == "—" and common.fmt(0.12345) == "0.1235"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["exp1", "exp2", "exp3"])
+def test_each_experiment_trains_on_cuda_with_amp_and_compile(tmp_path, name):
+    """The GPU paths: the split on the device, fused Adam, cudnn.benchmark, bf16 autocast, torch.compile."""
+    module, argv = {"exp1": (exp1, tiny), "exp2": (exp2, exp2_tiny), "exp3": (exp3, exp3_tiny)}[name]
+    code, out, err = in_process(module.main, *argv(tmp_path / "r", 2), "--device", "cuda", "--amp", "--compile")
+    final = json.loads((tmp_path / "r" / "final.json").read_text()) if code == 0 else {}
+    assert code == 0 and final["status"] == "ok" and final["val_l1"] < 0.5, out[-500:] + err
+
+
 def test_encoder_runs_of_every_experiment(tmp_path, random_lite0):
     """Each experiment on the encoder (random weights), in this process: an epoch on a small dataset with its photos'
     features computed once and cached, checkpoints with the decoder alone, a resume that extends the run."""
@@ -1465,30 +1475,42 @@ def shipped_models():
     return sorted(p.parent for p in (HERE / "models").glob("*/*.json") if p.name in ("final.json", "ensemble.json"))
 
 
+def skip_without_its_extras(folder):
+    """Skip, naming the install, when a shipped model's encoders (its own or its members') have no weights here."""
+    encoders = {json.loads(a.read_text())["encoder"] for a in folder.glob("**/args.json")} - {"scratch"}
+    missing = [pretrained.EXTRAS[e] for e in sorted(encoders) if not pretrained.available(e)]
+    if missing:
+        pytest.skip(f"{folder.name} needs the extras: {'; '.join(missing)}")
+
+
+def test_models_are_shipped():
+    assert {f.name for f in shipped_models()} >= {"exp1-ensemble", "exp1-lite0", "exp1-scratch"}
+
+
 @needs_real_data
-def test_shipped_models_score_what_they_record():
+@pytest.mark.parametrize("folder", shipped_models(), ids=lambda f: f.name)
+def test_shipped_models_score_what_they_record(folder):
     """Each model in models/ scores on the real val split what it recorded (the metrics of its float16 weights):
     a guard against any silent change in a model, the loader or the metrics."""
-    assert shipped_models(), "no shipped model in models/"
-    for folder in shipped_models():
-        code, stdout, err = in_process(evaluate.main, folder, "--data", REAL, "--no-fid", "--out", HERE / "runs" /
-                                       "test-shipped" / folder.name)
-        assert code == 0, stdout + err
-        got = results(HERE / "runs" / "test-shipped" / folder.name)["models"][0]["metrics"]
-        want = json.loads((folder / ("ensemble.json" if (folder / "ensemble.json").exists() else "final.json"))
-                          .read_text())
-        for key in ("l1", "cc", "cc_green", "cc_red", "cc20"):
-            assert abs(got[key] - want["val_" + key]) < 1e-4, (folder.name, key, got[key], want["val_" + key])
+    skip_without_its_extras(folder)
+    code, stdout, err = in_process(evaluate.main, folder, "--data", REAL, "--no-fid", "--out", HERE / "runs" /
+                                   "test-shipped" / folder.name)
+    assert code == 0, stdout + err
+    got = results(HERE / "runs" / "test-shipped" / folder.name)["models"][0]["metrics"]
+    want = json.loads((folder / ("ensemble.json" if (folder / "ensemble.json").exists() else "final.json")).read_text())
+    for key in ("l1", "cc", "cc_green", "cc_red", "cc20"):
+        assert abs(got[key] - want["val_" + key]) < 1e-4, (folder.name, key, got[key], want["val_" + key])
 
 
-def test_shipped_models_map_a_photo_with_no_data_and_no_training(tmp_path):
+@pytest.mark.parametrize("folder", shipped_models(), ids=lambda f: f.name)
+def test_shipped_models_map_a_photo_with_no_data_and_no_training(tmp_path, folder):
     """README's first command: a shipped model maps one's own photo right after the install."""
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 20e6, folder
+    skip_without_its_extras(folder)
     Image.new("RGB", (120, 90), (90, 140, 200)).save(tmp_path / "my_photo.jpg")
-    for folder in shipped_models():
-        code, stdout, err = in_process(evaluate.main, "--predict", folder, "--images", tmp_path / "my_photo.jpg",
-                                       "--out", tmp_path / folder.name, "--device", "cpu")
-        assert code == 0 and (tmp_path / folder.name / "my_photo_overlay.png").exists(), stdout + err
-        assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 20e6, folder
+    code, stdout, err = in_process(evaluate.main, "--predict", folder, "--images", tmp_path / "my_photo.jpg",
+                                   "--out", tmp_path / folder.name, "--device", "cpu")
+    assert code == 0 and (tmp_path / folder.name / "my_photo_overlay.png").exists(), stdout + err
 
 
 # -------------------------------------------------------------------------------------------------------- the code
