@@ -331,6 +331,8 @@ def test_frechet_distance_and_kid():
     want = (b.mean(0) - a.mean(0)).pow(2).sum() + torch.cov(a.T).trace()
     assert math.isclose(common.fid_from_features(a, b), want.item(), rel_tol=1e-6)
     assert abs(common.fid_from_features(a, a)) < 1e-6
+    # KID by hand: kernel (xy + 1)^3 on {0, 1} and {1, 2}: within (1 + 1 + 27 + 27) / 2 = 28, across (1+1+8+27)/4 x 2
+    assert common.kid([[0.0], [1.0]], [[1.0], [2.0]], subsets=3) == (28 - 18.5, 0.0)  # every subset: the whole sets
     same, sd = common.kid(a[:2000], a[2000:], subsets=20, subset_size=500)
     far, _ = common.kid(a[:2000], b[:2000], subsets=20, subset_size=500)
     assert abs(same) < 3 * sd + 1e-3 and far > 0.1 > sd, (same, sd, far)
@@ -377,6 +379,35 @@ def test_target_sum_recovers_the_map():
 
 
 # ----------------------------------------------------------------------------- DiffAugment (each experiment's)
+def test_exp2_discriminator_sees_aligned_pairs():
+    """DiffAugment acts on each pair D judges as one 6-channel image: photo and map move and are cut together."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, pair):
+            seen.append(pair.detach().clone())
+            return pair.mean((1, 2, 3)) * self.w
+
+    torch.manual_seed(0)
+    photos = torch.rand(8, 3, 16, 16) * 1.8 - 0.9
+    G, D, maps = torch.nn.Conv2d(3, 3, 1), Recorder(), photos.flip(1) * 0.5  # the map: a function of its photo
+    args = Namespace(batch_size=4, device="cpu", amp=False, diffaug="translation,cutout", diffaug_p=1.0, loss="l1",
+                     target="label", gan_loss="lsgan", l1_weight=1.0)
+    exp2.train_epoch(G, D, torch.optim.SGD(G.parameters(), lr=0.0), torch.optim.SGD(D.parameters(), lr=0.0), photos,
+                     photos, maps, args)
+    assert len(seen) == 6                                       # each step: G's (x, G(x)); D's real and fake pairs
+    for i, pair in enumerate(seen):
+        photo, vms = pair[:, :3], pair[:, 3:]
+        cut = (photo == -1).all(1, keepdim=True)                   # shifted in or cut out: -1 in both halves
+        assert cut.any() and torch.equal(cut, (vms == -1).all(1, keepdim=True)), i
+        if i % 3 == 1:                                          # the real pair: still the photo's own map
+            assert torch.allclose(vms, torch.where(cut, -1.0, photo.flip(1) * 0.5)), i
+
+
 def test_diffaug_keeps_pairs_aligned_and_is_one_copy():
     torch.manual_seed(0)
     image = torch.rand(64, 3, 16, 16) * 2 - 1
@@ -898,6 +929,9 @@ def test_sampling_modes_ddim_ancestral_and_means_of_k():
             oracle = Oracle(d, x0)
             out = exp3.sample(oracle, photos, d, steps=steps, generator=torch.Generator().manual_seed(1))[0]
             assert torch.allclose(out, x0, atol=1e-4) and oracle.seen == list(range(49, -1, -1)), objective
+        mean, std = exp3.sample(Oracle(d, x0.repeat_interleave(3, 0)), photos, d, steps=10, samples=3,
+                                generator=torch.Generator().manual_seed(2))  # each photo's 3 samples side by side
+        assert std.max() < 1e-4 and torch.allclose(mean, x0, atol=1e-4), objective  # a certain network: no spread
     oracle = Oracle(exp3.Diffusion(exp3_args()), x0)
     exp3.sample(oracle, photos, oracle.diffusion, steps=50)
     assert oracle.seen == list(range(999, 0, -20)), oracle.seen  # "trailing": 999, 979, ..., 19
