@@ -66,6 +66,8 @@ def build_parser():
                    "or several (0: ancestral over all T); default: the run's own")
     p.add_argument("--samples", type=int, nargs="+", default=None, help="diffusion runs: samples averaged per map, "
                    "one value or several (every combination with --sample-steps is a row); default: the run's own")
+    p.add_argument("--max-evals", type=int, default=None, help="diffusion runs: leave out the combinations whose "
+                   "--samples x --sample-steps (network evaluations per map with DDIM) exceeds this")
     p.add_argument("--noise", type=int, nargs="+", default=None, help="diffusion runs: seeds of the sampler's noise, "
                    "a row for each (single samples side by side in compare.png); default: the run's --seed")
     p.add_argument("--tta", choices=["none", "flip"], default=None, help="exp1/exp2 runs: flip-averaged maps or not "
@@ -90,10 +92,10 @@ DATA, FEATURES = {}, {}  # each data set (by its settings), each encoder's featu
 
 
 def load_data(saved, override, device):
-    """The data a run is scored on: its recorded folder (or --data where that folder is gone), with its split."""
+    """The data a run is scored on: its recorded folder (or --data: the same data elsewhere), with its split."""
     recorded = saved.get("data")
     folder = recorded if override is None or recorded == common.SYNTHETIC or Path(recorded).is_dir() else override
-    if override and folder != override and Path(override).resolve() != Path(folder).resolve():
+    if override and folder != override and not same_data(folder, override):
         common.fail(f"a run was trained on {recorded}, not on --data {override}; leave out --data")
     key = (folder, saved["size"], saved["selection"], saved["fold"], saved["split_seed"], str(device))
     if key not in DATA:
@@ -102,6 +104,14 @@ def load_data(saved, override, device):
         except common.DataError as e:
             common.fail(str(e))
     return DATA[key]
+
+
+def same_data(a, b):
+    """One data set in two places (a copy, another mount): the same folder, or both hold the study's same split."""
+    try:
+        return Path(a).resolve() == Path(b).resolve() or common.split_names(Path(a)) == common.split_names(Path(b))
+    except common.DataError:  # no split files: "synthetic", or not a data folder
+        return False
 
 
 class Run:
@@ -221,7 +231,7 @@ def load_models(args, device):
             return Ensemble([Run(path / n, device, combo, args.tta, args.data) for n in names], path)
         return Run(path, device, combo, args.tta, args.data)
     combos = [(s, k, n) for s in args.sample_steps or [None] for k in args.samples or [None]
-              for n in args.noise or [None]]
+              for n in args.noise or [None] if not args.max_evals or (s or 0) * (k or 1) <= args.max_evals]
     diffusion = lambda p: (p / "final.json").exists() and "exp3" in json.loads((p / "final.json").read_text())[  # noqa
         "experiment"]  # a diffusion run is one model for each sampler setting
     models = [model(p, c) for p in runs(args.runs) for c in (combos if diffusion(p) else [(None, None, None)])]
@@ -232,12 +242,11 @@ def load_models(args, device):
 # ---------------------------------------------------------------------------------------------------- evaluation
 def timed(fn, *a):
     """(fn(*a), seconds), with CUDA synchronised before and after."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn(*a)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     return out, time.perf_counter() - t0
 
 
@@ -477,11 +486,11 @@ def figures(models, rows, preds, per_image, baselines, groups, args, out):
     if any(g["mean"].get("fid") is not None for g in groups):  # the realism frontier, the constant maps and floor
         base = {k: b for rows_ in baselines.values() for k, b in rows_.items() if b.get("fid") is not None}
         floor = next((b["fid"] for k, b in base.items() if "floor" in k), None)
-        plot(out / "frontier.png", [(g["name"], [g["mean"]["fid"]], [g["mean"]["cc"]]) for g in groups if
-                                    g["mean"].get("fid") is not None] + [(k, [b["fid"]], [b["cc"]]) for k, b in
-                                                                         base.items() if b.get("cc") is not None],
-             f"CC against FID (up: closer to each photo's map; left: more like people's maps; floor {floor:.0f})",
-             "FID", "CC", points=True, size=(900, 480))
+        dots = [(g["name"], [g["mean"]["fid"]], [g["mean"]["cc"]]) for g in groups if g["mean"].get("fid") is not None]
+        dots += [(k, [b["fid"]], [b["cc"]]) for k, b in base.items() if b.get("cc") is not None]
+        ccs = np.linspace(min(d[2][0] for d in dots), max(d[2][0] for d in dots), 12).tolist()  # floor: dotted line
+        plot(out / "frontier.png", dots + [(f"FID floor {floor:.0f}: real maps against real maps", [floor] * 12, ccs)],
+             "CC against FID (up: nearer each photo's map; left: more like people's)", "FID", "CC", True, (900, 480))
 
 
 # -------------------------------------------------------------------------------------------------------- tables
@@ -644,9 +653,7 @@ def main(argv=None):
         if where not in baselines:
             baselines[where] = constant_rows(model.data, args.split, fid_net)
         row, pred, values = evaluate(model, args, fid_net)
-        rows.append({**row, "data": where})
-        preds.append(pred)
-        per_image.append(values)
+        rows.append({**row, "data": where}), preds.append(pred), per_image.append(values)
     groups = group_rows(rows, per_image, args.no_group)
     reference = groups[0]
     if args.reference:

@@ -773,6 +773,9 @@ def test_features_are_cached_next_to_the_data_and_read_as_photos_are(tmp_path, r
     names = write_dataset(tmp_path / "ds", n=20)
     data = quiet(common.load_data, tmp_path / "ds", 16, selection=0.25)
     enc = pretrained.Encoder("lite0", 64)
+    val = quiet(enc.features, data, [1, 2, 3, 4], "cpu", ("val",))    # one split scored, no cache of all photos yet:
+    assert list(val) == ["val"] and len(val["val"]) == 4              # its 4 photos alone, cached apart
+    assert [p.name for p in (tmp_path / "ds").glob(".vms_features*")] == [".vms_features_lite0_64px_levels1234_val.pt"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         feats = enc.features(data, [1, 2, 3, 4])
@@ -784,6 +787,8 @@ def test_features_are_cached_next_to_the_data_and_read_as_photos_are(tmp_path, r
     assert all(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3) for a, b in zip(feats["val"].tensors,
                                                                                         direct.tensors))
     assert len(list((tmp_path / "ds").glob(".vms_features_lite0_64px_levels1234.pt"))) == 1
+    assert all(torch.equal(a, b) for a, b in zip(val["val"].tensors, feats["val"].tensors))
+    assert "of 20 photos" in quiet_out(enc.features, data, [1, 2, 3, 4], "cpu", ("val",))   # now: from all photos'
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         again = enc.features(data, [1, 2, 3, 4])
@@ -991,7 +996,8 @@ def test_exp1_variants_train(flags):
 @pytest.mark.parametrize("flags", [
     ["--gan-loss", "vanilla", "--disc", "global", "--g-opt", "sgd", "--d-opt", "adadelta"],
     ["--gan-loss", "wgan-gp", "--d-norm", "instance", "--diffaug", "none", "--target", "sum"],
-    ["--g-norm", "group", "--d-norm", "layer", "--loss", "l1+0.5cc", "--l1-weight", "1", "--diffaug", "flip"]],
+    ["--g-norm", "group", "--d-norm", "layer", "--loss", "l1+0.5cc", "--l1-weight", "1", "--diffaug", "flip"],
+    ["--l1-weight", "0", "--lr-decay", "cosine"]],                         # no pixel loss: G moves by D's verdict alone
     ids=" ".join)
 def test_exp2_variants_train(flags):
     """Two steps of exp2 with these flags: every loss finite, both networks moved."""
@@ -1280,6 +1286,10 @@ def test_evaluate_scores_each_run_on_its_own_data(runs, tmp_path):
     assert sum(c["n"] for c in res["models"][1]["per_category"].values()) == 4        # the 4 val photos' categories
     code, _, err = in_process(evaluate.main, "--no-fid", runs["disk"], "--data", tmp_path, "--out", tmp_path / "x")
     assert code == 2 and f"trained on {runs['ds']}, not on --data {tmp_path}" in err, err
+    shutil.copytree(runs["ds"], tmp_path / "copy")              # the same data elsewhere (another mount): scored
+    code, stdout, err = in_process(evaluate.main, "--no-fid", runs["disk"], "--data", tmp_path / "copy", "--out",
+                                   tmp_path / "c")
+    assert code == 0 and results(tmp_path / "c")["models"][0]["metrics"]["cc"] == res["models"][1]["metrics"]["cc"], err
     code, _, err = in_process(evaluate.main, runs["ds"], "--out", tmp_path / "x")
     assert code == 2 and "not a run folder" in err, err
     code, stdout, err = in_process(evaluate.main, "--no-fid", runs["u-s0"], "--split", "sel", "--out", tmp_path / "s")
@@ -1309,6 +1319,10 @@ def test_evaluate_reports_diffusion_sampling_modes(runs, tmp_path):
     assert math.isclose(models[2]["metrics"]["l1"], final["val_l1"], rel_tol=1e-5)  # as it trained: DDIM-5 x 1
     assert all((r["metrics"].get("uncertainty_cc") is None) == r["run"].endswith("1 samples)") for r in models)
     assert len({r["metrics"]["cc"] for r in models}) == 4                 # a single sample is not a mean of three
+    code, stdout, err = in_process(evaluate.main, "--no-fid", runs["d"], "--samples", 1, 3, "--sample-steps", 1, 5,
+                                   "--max-evals", 5, "--out", tmp_path / "capped")     # DDIM-5 x 3 costs 15: left out
+    assert [r["run"] for r in results(tmp_path / "capped")["models"]] == [
+        "d (DDIM-1, 1 samples)", "d (DDIM-1, 3 samples)", "d (DDIM-5, 1 samples)"], stdout + err
 
 
 def test_evaluate_groups_seeds_folds_and_repeated_ensembles():
@@ -1523,14 +1537,14 @@ def test_models_are_shipped():
 
 @needs_real_data
 @pytest.mark.parametrize("folder", shipped_models(), ids=lambda f: f.name)
-def test_shipped_models_score_what_they_record(folder):
+def test_shipped_models_score_what_they_record(tmp_path, folder):
     """Each model in models/ scores on the real val split what it recorded (the metrics of its float16 weights):
-    a guard against any silent change in a model, the loader or the metrics."""
+    a guard against any silent change in a model, the loader or the metrics. (The data may sit elsewhere than
+    where the model was trained: the same split is the same data.)"""
     skip_without_its_extras(folder)
-    code, stdout, err = in_process(evaluate.main, folder, "--data", REAL, "--no-fid", "--out", HERE / "runs" /
-                                   "test-shipped" / folder.name)
+    code, stdout, err = in_process(evaluate.main, folder, "--data", REAL, "--no-fid", "--out", tmp_path)
     assert code == 0, stdout + err
-    got = results(HERE / "runs" / "test-shipped" / folder.name)["models"][0]["metrics"]
+    got = results(tmp_path)["models"][0]["metrics"]
     want = json.loads((folder / ("ensemble.json" if (folder / "ensemble.json").exists() else "final.json")).read_text())
     for key in ("l1", "cc", "cc_green", "cc_red", "cc20"):
         assert abs(got[key] - want["val_" + key]) < 1e-4, (folder.name, key, got[key], want["val_" + key])
