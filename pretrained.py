@@ -425,17 +425,21 @@ class Encoder:
         return Features(torch.cat(o, 1) for o in out)
 
     def features(self, data, levels, device="cpu", splits=common.SPLITS):
-        """{split: Features of the `levels` of its photos at photo_size, on `device`} for `splits` of `data`
-        (common.VMSData): computed once and cached next to the data like its cache (the synthetic set's are not)."""
-        size, names = self.photo_size, list(dict.fromkeys(n for s in common.SPLITS for n in data.names[s]))
+        """{split: Features of the `levels` of its photos at photo_size, on `device`} for `splits` of `data`, cached
+        next to the data (not the synthetic set's): of all photos, or of `splits` alone while there is no such cache."""
+        size, root, file = self.photo_size, Path(data.source), f"features_{self.name}_{self.photo_size}px_levels"
+        file += "".join(map(str, levels))
+        paths, made = ([], splits) if data.source == common.SYNTHETIC else (common.cache_files(root, f"{file}.pt"),
+                                                                            common.SPLITS)
+        if paths and set(splits) != set(common.SPLITS) and not any(p.exists() for p in paths):  # none of all photos
+            paths, made = common.cache_files(root, f"{file}_{'-'.join(splits)}.pt"), splits      # yet: just these
+        names = list(dict.fromkeys(n for s in made for n in data.names[s]))
         make = lambda: {"names": names, "tensors": self(photos_at(data, names, size), levels).tensors}  # noqa: E731
         what = f"{self.name} features of levels {levels} of {len(names)} photos and their mirror images at {size} px"
-        if data.source == common.SYNTHETIC:
+        if not paths:
             print(f"{what} (synthetic: not cached)")
             return self.split(make(), data, device, splits)
-        root, every = Path(data.source), sorted({n for s in common.SPLITS for n in data.names[s]})
-        paths = common.cache_files(root, f"features_{self.name}_{size}px_levels{''.join(map(str, levels))}.pt")
-        key = hashlib.sha256(json.dumps([common.cache_key(root, every, size), WHEELS[self.name][2],
+        key = hashlib.sha256(json.dumps([common.cache_key(root, sorted(names), size), WHEELS[self.name][2],
                                          list(levels)]).encode()).hexdigest()
         return self.split(common.cached(paths, key, what, make), data, device, splits)
 

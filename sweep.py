@@ -384,8 +384,7 @@ def report(args, module, out, done, best_rows, extra, full_epochs):
         status = ", ".join(sorted({r["status"] for r in rows}))
         lines.append(f"| {i} | {rows[0]['trial']} | {rows[0]['coordinate']}={rows[0]['option']} | {len(rows)} | "
                      f"{status} | {summary(rows, 'sel_l1')} | {summary(rows, 'sel_cc')} | {summary(rows, 'val_l1')} | "
-                     f"{summary(rows, 'val_cc')} | "
-                     f"{sum(r['seconds'] for r in rows):.0f} |")
+                     f"{summary(rows, 'val_cc')} | {sum(r['seconds'] for r in rows):.0f} |")
     table = "\n".join(lines)
     (out / "leaderboard.md").write_text(table + "\n")
     print("\n" + table)

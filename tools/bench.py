@@ -42,8 +42,7 @@ def hardware(device):
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
                  platform.processor())
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f} " in f" {info} "]
-    threads = torch.get_num_threads()
-    return f"{model} ({' '.join(flags) or 'flags unknown'}), torch {torch.__version__}, {threads} threads"
+    return f"{model} ({' '.join(flags) or 'no AVX2'}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def rounds(variants, repeats, sync):
@@ -103,11 +102,10 @@ def experiment(name, args, device, data, sync):
             train = lambda: module.train_epoch(run, D, opt, opt_d, x, x, y, s)  # noqa: E731
         return train, lambda: module.predict(run, x, s)
     variants = {"plain": build(), "contiguous": build(channels_last=False)}
-    skipped = {}
-    if bf16_units(device):
+    skipped = {} if bf16_units(device) else {"amp": "no bf16 units (AVX-512 BF16 or AMX): bf16 autocast is many "
+                                                    "times slower here"}
+    if not skipped:
         variants["amp"] = build(amp=True)
-    else:
-        skipped["amp"] = "no bf16 units (AVX-512 BF16 or AMX): bf16 autocast is many times slower here"
     if args.compile:
         variants["compile"] = build(compiled=True)
     with contextlib.redirect_stdout(io.StringIO()):  # (the training loops' progress lines)
@@ -149,15 +147,13 @@ def encoder_part(args, device, data, sync):
     torch.manual_seed(0)
     model = exp1_unet.make_unet(s, enc, data.y["train"]).to(device, memory_format=torch.channels_last)
     opt = exp1_unet.make_optimizer(model.parameters(), "adam", 1e-3, (0.9, 0.999), 0.9, device.type)
-    photos = torch.rand(16, 3, 384, 384, device=device) * 2 - 1
-    y = data.y["train"][:16].to(device)
+    photos, y = torch.rand(16, 3, 384, 384, device=device) * 2 - 1, data.y["train"][:16].to(device)
     with contextlib.redirect_stdout(io.StringIO()):
         feats = enc(photos, model.cached).to(device)
 
     def step(x):
-        loss = common.map_loss("l1", model(x), y)
         opt.zero_grad()
-        loss.backward()
+        common.map_loss("l1", model(x), y).backward()
         opt.step()
     with contextlib.redirect_stdout(io.StringIO()):
         best, ratio = rounds({"photos": lambda: step(enc(photos, model.cached).to(device)),
