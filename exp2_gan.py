@@ -58,7 +58,7 @@ def build_parser():
                       "error to 1 (real) or 0 (fake), the thesis; vanilla: BCE with logits; wgan-gp: Wasserstein "
                       f"critic + gradient penalty (weight {GP_WEIGHT:g}; not with --d-norm batch)")
     loss.add_argument("--l1-weight", type=float, default=100.0, help="generator loss = adversarial + l1_weight x the "
-                      "pixel loss; 100: pix2pix and the study's final code; 1: the methodology's equation as written")
+                      "pixel loss; 100: pix2pix and the study's code (CC); 1: the equation as written; 0: none (FID)")
     loss.add_argument("--loss", type=common.loss_spec, default="l1", help="the pixel loss: terms joined by +, each "
                       "with an optional weight: l1, l2, cc (1 - Pearson per channel), kl, e.g. l1+0.5cc")
     for net, name in (("g", "generator"), ("d", "discriminator")):

@@ -57,7 +57,7 @@ def build_parser():
     opt.add_argument("--epochs", type=common.positive, default=100, help="passes over the training split")
     sampling.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (eta 0); 0: ancestral, T steps")
     sampling.add_argument("--samples", type=common.positive, default=1, help="K: sampled maps averaged per photo (what "
-                          "L1 and CC score), the K samples of a photo in one batch")
+                          "is scored); 1: a real sample (FID: realism), K > 1: a mean, nearer the expected map (CC)")
     sampling.add_argument("--eval-every", type=common.positive, default=5, help="sample the selection and val splits "
                           "(and choose best.pt) every N epochs, and at the last")
     return p
