@@ -34,8 +34,8 @@ from PIL import Image, ImageDraw, ImageOps
 import common
 
 EXPERIMENTS = ("exp1_unet", "exp2_gan", "exp3_diffusion")
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+COLOURS = [tuple(bytes.fromhex(h)) for h in ("1f77b4 ff7f0e 2ca02c d62728 9467bd 8c564b e377c2 7f7f7f bcbd22 17becf "
+                                             "000080 aec7e8 ffbb78 98df8a ff9896 c5b0d5 c49c94 dbdb8d 9edae5").split()]
 NOT_SETTINGS = {"seed", "out", "resume", "fold", "device", "compile"}  # may differ within one row
 COLUMNS = [("l1", 4), ("l1_green", 4), ("l1_red", 4), ("cc", 3), ("cc_green", 3), ("cc_red", 3), ("cc20", 3),
            ("last_l1", 4), ("last_cc", 3), ("train_l1", 4), ("gap_l1", 4), ("fid", 1), ("kid", 4),
@@ -489,7 +489,7 @@ def figures(models, rows, preds, per_image, baselines, groups, args, out):
         dots = [(g["name"], [g["mean"]["fid"]], [g["mean"]["cc"]]) for g in groups if g["mean"].get("fid") is not None]
         dots += [(k, [b["fid"]], [b["cc"]]) for k, b in base.items() if b.get("cc") is not None]
         ccs = np.linspace(min(d[2][0] for d in dots), max(d[2][0] for d in dots), 12).tolist()  # floor: dotted line
-        plot(out / "frontier.png", dots + [(f"FID floor {floor:.0f}: real maps against real maps", [floor] * 12, ccs)],
+        plot(out / "frontier.png", dots + [(f"floor {floor:.0f}: real maps vs real maps", [floor] * 12, ccs)],
              "CC against FID (up: nearer each photo's map; left: more like people's)", "FID", "CC", True, (900, 480))
 
 
