@@ -9,6 +9,7 @@ are tiny, and on a machine busy with other work more threads than free cores mak
 """
 import ast
 import contextlib
+import importlib.util
 import io
 import itertools
 import json
@@ -1650,8 +1651,9 @@ def test_tools_bench_and_ship(runs, tmp_path):
     assert p.returncode == 0 and p.stdout.splitlines()[1].startswith("exp1: train_img_s"), p.stdout + p.stderr
     assert figures["exp1"]["train_img_s"] > 0 and "contiguous_train_ratio" in figures["exp1"] and "skipped" in \
         figures["data"] and "torch" in figures["hardware"]
-    sys.path.insert(0, str(HERE / "tools"))
-    import ship
+    spec = importlib.util.spec_from_file_location("tools_ship", HERE / "tools" / "ship.py")  # a file, not a package:
+    ship = importlib.util.module_from_spec(spec)                                           # sys.path left alone
+    spec.loader.exec_module(ship)
     code, out, err = in_process(ship.main, runs["u-s0"], runs["u-s1"], "--out", tmp_path / "model")
     assert code == 0 and "largest change" in out, out + err
     record = json.loads((tmp_path / "model" / "ensemble.json").read_text())
